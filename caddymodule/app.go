@@ -1,0 +1,223 @@
+// Package caddymodule adapts the exchange engine to Caddy: the
+// `token_exchange` app (shared issuers, keys and engine), its HTTP handlers,
+// and their Caddyfile syntax. Logic lives in ../exchange; this package only
+// wires it into Caddy.
+package caddymodule
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+}
+
+// App is the `token_exchange` app: the gateway's Security Token Service. It
+// holds what every token_exchange handler shares: the trusted issuers and
+// their JWKS caches, the signing key, and the exchange engine. It is
+// configured with the `token_exchange` global Caddyfile option.
+type App struct {
+	// Issuer is the `iss` of every minted token. Required.
+	Issuer string `json:"issuer"`
+
+	// Actor is `act.sub` of in-process exchanges. Default: Issuer.
+	Actor string `json:"actor,omitempty"`
+
+	// SigningAlg is the algorithm minted tokens are signed with:
+	// ES256 (default), ES384, EdDSA, RS256 or PS256.
+	SigningAlg string `json:"signing_alg,omitempty"`
+
+	// SigningKeyFile is a PEM or JWK private key. Default: a key generated
+	// once and kept in Caddy's configured storage, so restarts and every
+	// instance sharing that storage sign with the same key and kid.
+	SigningKeyFile string `json:"signing_key_file,omitempty"`
+
+	// KeyRotation is accepted for forward compatibility with the design's
+	// Caddyfile; keys are not rotated automatically yet.
+	KeyRotation caddy.Duration `json:"key_rotation,omitempty"`
+
+	// TokenLifetime caps the lifetime of minted tokens (default 5m); a
+	// minted token never outlives its subject token.
+	TokenLifetime caddy.Duration `json:"token_lifetime,omitempty"`
+
+	// ClockSkew is the leeway for exp, nbf and iat (default 30s).
+	ClockSkew caddy.Duration `json:"clock_skew,omitempty"`
+
+	// MaxTokenSize is the largest inbound token accepted, in bytes
+	// (default 16384); larger ones are refused before any parsing.
+	MaxTokenSize int `json:"max_token_size,omitempty"`
+
+	// MaxActDepth bounds the act chain of a subject token (default 5).
+	MaxActDepth int `json:"max_act_depth,omitempty"`
+
+	// JWKSFetchTimeout bounds one JWKS fetch (default 5s).
+	JWKSFetchTimeout caddy.Duration `json:"jwks_fetch_timeout,omitempty"`
+
+	// Trust lists the issuers whose tokens are accepted as subject tokens.
+	Trust []TrustedIssuer `json:"trust,omitempty"`
+
+	// Clients are the clients of the RFC 8693 token endpoint.
+	Clients []Client `json:"clients,omitempty"`
+
+	engine *exchange.Engine
+	trust  *exchange.TrustStore
+	logger *zap.Logger
+}
+
+// TrustedIssuer is one issuer of subject tokens.
+type TrustedIssuer struct {
+	// Issuer is the exact `iss` of its tokens.
+	Issuer string `json:"issuer"`
+	// JWKSURL is fetched and refreshed in the background.
+	JWKSURL string `json:"jwks_url,omitempty"`
+	// JWKSFile is read once at provisioning.
+	JWKSFile string `json:"jwks_file,omitempty"`
+	// Audiences: an inbound `aud` must contain one of them. Required.
+	Audiences []string `json:"audiences,omitempty"`
+	// Algorithms is the JWS allow-list. Required; none and HMAC are refused.
+	Algorithms []string `json:"algorithms,omitempty"`
+	// TokenTypes are what its tokens may be presented as
+	// (access_token, jwt, id_token, ...). Default: access_token jwt.
+	TokenTypes []string `json:"token_types,omitempty"`
+	// ScopeClaim is `scope` (default, space-delimited) or `scp` (array).
+	ScopeClaim string `json:"scope_claim,omitempty"`
+	// ScopeMap maps an external scope to internal scopes.
+	ScopeMap map[string][]string `json:"scope_map,omitempty"`
+	// PassUnmappedScopes keeps external scopes that have no mapping.
+	PassUnmappedScopes bool `json:"pass_unmapped_scopes,omitempty"`
+	// RefetchInterval is the least time between forced JWKS refetches
+	// on an unknown kid (default 30s).
+	RefetchInterval caddy.Duration `json:"refetch_interval,omitempty"`
+}
+
+// Client is a client of the token endpoint.
+type Client struct {
+	ClientID       string   `json:"client_id"`
+	SecretHash     string   `json:"secret_hash,omitempty"`
+	JWKSURL        string   `json:"jwks_url,omitempty"`
+	JWKSFile       string   `json:"jwks_file,omitempty"`
+	Audiences      []string `json:"audiences,omitempty"`
+	Resources      []string `json:"resources,omitempty"`
+	Scopes         []string `json:"scopes,omitempty"`
+	MayImpersonate bool     `json:"may_impersonate,omitempty"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "token_exchange",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// Provision validates the configuration, loads or creates the signing key and
+// starts the JWKS caches. Everything is checked here, not on the first request.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if a.Issuer == "" {
+		return errors.New("token_exchange: issuer is required")
+	}
+	alg := a.SigningAlg
+	if alg == "" {
+		alg = exchange.DefaultSigningAlgorithm
+	}
+	if err := exchange.CheckSigningAlgorithm(alg); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+
+	issuers := make([]exchange.IssuerConfig, 0, len(a.Trust))
+	for _, t := range a.Trust {
+		issuers = append(issuers, exchange.IssuerConfig{
+			Issuer:          t.Issuer,
+			JWKSURL:         t.JWKSURL,
+			JWKSFile:        t.JWKSFile,
+			Audiences:       t.Audiences,
+			Algorithms:      t.Algorithms,
+			TokenTypes:      t.TokenTypes,
+			ScopeClaim:      t.ScopeClaim,
+			Scopes:          exchange.ScopeMap{Map: t.ScopeMap, PassUnmapped: t.PassUnmappedScopes},
+			RefetchInterval: time.Duration(t.RefetchInterval),
+		})
+	}
+	trust, err := exchange.NewTrustStore(ctx, exchange.TrustConfig{
+		Issuers:      issuers,
+		ClockSkew:    time.Duration(a.ClockSkew),
+		MaxTokenSize: a.MaxTokenSize,
+		FetchTimeout: time.Duration(a.JWKSFetchTimeout),
+		Logger:       a.logger,
+	})
+	if err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+	a.trust = trust
+
+	var signer *exchange.Signer
+	if a.SigningKeyFile != "" {
+		signer, err = exchange.SignerFromFile(a.SigningKeyFile, alg)
+	} else {
+		signer, err = exchange.LoadOrCreateSigner(ctx, ctx.Storage(), alg)
+	}
+	if err != nil {
+		_ = trust.Close()
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+
+	a.engine, err = exchange.NewEngine(exchange.EngineConfig{
+		Issuer:        a.Issuer,
+		Actor:         a.Actor,
+		TokenLifetime: time.Duration(a.TokenLifetime),
+		MaxActDepth:   a.MaxActDepth,
+	}, trust, signer)
+	if err != nil {
+		_ = trust.Close()
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+	a.logger.Info("token exchange ready",
+		zap.String("issuer", a.Issuer),
+		zap.String("signing_alg", signer.Algorithm()),
+		zap.String("kid", signer.KeyID()),
+		zap.Strings("trusted_issuers", trust.Issuers()))
+	return nil
+}
+
+// Start implements caddy.App.
+func (a *App) Start() error { return nil }
+
+// Stop implements caddy.App.
+func (a *App) Stop() error { return nil }
+
+// Cleanup stops the JWKS refreshers of this config.
+func (a *App) Cleanup() error {
+	if a.trust != nil {
+		return a.trust.Close()
+	}
+	return nil
+}
+
+// Engine is the shared exchange engine.
+func (a *App) Engine() *exchange.Engine { return a.engine }
+
+// appFrom looks the app up for a handler, failing provisioning with a clear
+// message when the global option is missing (ctx.App would silently create
+// an empty one).
+func appFrom(ctx caddy.Context, handler string) (*App, error) {
+	v, err := ctx.AppIfConfigured("token_exchange")
+	if err != nil {
+		return nil, fmt.Errorf("%s needs the token_exchange global option (an issuer and at least one trust block): %w", handler, err)
+	}
+	return v.(*App), nil
+}
+
+// Interface guards
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

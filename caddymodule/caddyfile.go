@@ -1,0 +1,380 @@
+package caddymodule
+
+import (
+	"slices"
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("token_exchange", parseGlobalOption)
+	httpcaddyfile.RegisterHandlerDirective("token_exchange", parseHandler)
+	httpcaddyfile.RegisterHandlerDirective("token_exchange_jwks", parseJWKSHandler)
+	httpcaddyfile.RegisterDirectiveOrder("token_exchange", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterDirectiveOrder("token_exchange_jwks", httpcaddyfile.Before, "respond")
+}
+
+// parseGlobalOption sets up the token_exchange app. Syntax:
+//
+//	token_exchange {
+//	    issuer <url>
+//	    actor <id>
+//	    signing_alg ES256|ES384|EdDSA|RS256|PS256
+//	    signing_key_file <path>
+//	    key_rotation <duration>
+//	    token_lifetime <duration>
+//	    clock_skew <duration>
+//	    max_token_size <bytes>
+//	    max_act_depth <n>
+//	    jwks_fetch_timeout <duration>
+//	    trust <issuer> {
+//	        jwks_url <url> | jwks_file <path>
+//	        audience <aud...>
+//	        algorithms <alg...>
+//	        token_types <type...>
+//	        scope_claim scope|scp
+//	        map_scope <external> <internal...>
+//	        pass_unmapped_scopes
+//	        refetch_interval <duration>
+//	    }
+//	    client <client_id> {
+//	        secret_hash <bcrypt>
+//	        jwks_url <url> | jwks_file <path>
+//	        audience <aud...>
+//	        resource <uri...>
+//	        scope <scope...>
+//	        may_impersonate
+//	    }
+//	}
+func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
+	if existing != nil {
+		return nil, d.Err("token_exchange global option may appear only once")
+	}
+	app := new(App)
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "token_exchange", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from Caddyfile tokens.
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume option name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		var err error
+		switch d.Val() {
+		case "issuer":
+			err = oneArg(d, &a.Issuer)
+		case "actor":
+			err = oneArg(d, &a.Actor)
+		case "signing_alg":
+			if err = oneArg(d, &a.SigningAlg); err == nil {
+				if cerr := exchange.CheckSigningAlgorithm(a.SigningAlg); cerr != nil {
+					return d.Errf("%v", cerr)
+				}
+			}
+		case "signing_key_file":
+			err = oneArg(d, &a.SigningKeyFile)
+		case "key_rotation":
+			err = durationArg(d, &a.KeyRotation)
+		case "token_lifetime":
+			err = durationArg(d, &a.TokenLifetime)
+		case "clock_skew":
+			err = durationArg(d, &a.ClockSkew)
+		case "jwks_fetch_timeout":
+			err = durationArg(d, &a.JWKSFetchTimeout)
+		case "max_token_size":
+			err = intArg(d, &a.MaxTokenSize)
+		case "max_act_depth":
+			err = intArg(d, &a.MaxActDepth)
+		case "trust":
+			var t TrustedIssuer
+			if err := t.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+			a.Trust = append(a.Trust, t)
+		case "client":
+			var c Client
+			if err := c.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+			a.Clients = append(a.Clients, c)
+		default:
+			return d.Errf("unrecognized token_exchange option '%s'", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if a.Issuer == "" {
+		return d.Err("token_exchange: issuer is required (the iss of every minted token)")
+	}
+	return nil
+}
+
+func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.Err("trust needs the issuer's exact iss, e.g. trust https://idp.example.com { ... }")
+	}
+	t.Issuer = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch d.Val() {
+		case "jwks_url":
+			err = oneArg(d, &t.JWKSURL)
+		case "jwks_file":
+			err = oneArg(d, &t.JWKSFile)
+		case "audience":
+			err = appendArgs(d, &t.Audiences)
+		case "algorithms":
+			if err = appendArgs(d, &t.Algorithms); err == nil {
+				for _, alg := range t.Algorithms {
+					if cerr := exchange.CheckVerifyAlgorithm(alg); cerr != nil {
+						return d.Errf("trust %s: %v", t.Issuer, cerr)
+					}
+				}
+			}
+		case "token_types":
+			if err = appendArgs(d, &t.TokenTypes); err == nil {
+				for _, tt := range t.TokenTypes {
+					if _, ok := exchange.TokenTypeURN(tt); !ok {
+						return d.Errf("trust %s: unknown token type '%s'", t.Issuer, tt)
+					}
+				}
+			}
+		case "scope_claim":
+			if err = oneArg(d, &t.ScopeClaim); err == nil && t.ScopeClaim != "scope" && t.ScopeClaim != "scp" {
+				return d.Errf("trust %s: scope_claim must be scope or scp", t.Issuer)
+			}
+		case "map_scope":
+			args := d.RemainingArgs()
+			if len(args) < 2 {
+				return d.ArgErr()
+			}
+			if t.ScopeMap == nil {
+				t.ScopeMap = make(map[string][]string)
+			}
+			t.ScopeMap[args[0]] = append(t.ScopeMap[args[0]], args[1:]...)
+		case "pass_unmapped_scopes":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			t.PassUnmappedScopes = true
+		case "refetch_interval":
+			err = durationArg(d, &t.RefetchInterval)
+		default:
+			return d.Errf("unrecognized trust option '%s'", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(t.Algorithms) == 0 {
+		return d.Errf("trust %s: algorithms is required (for example: algorithms RS256 ES256)", t.Issuer)
+	}
+	if len(t.Audiences) == 0 {
+		return d.Errf("trust %s: audience is required", t.Issuer)
+	}
+	if (t.JWKSURL == "") == (t.JWKSFile == "") {
+		return d.Errf("trust %s: exactly one of jwks_url or jwks_file is required", t.Issuer)
+	}
+	return nil
+}
+
+func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.Err("client needs a client_id, e.g. client billing-svc { ... }")
+	}
+	c.ClientID = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch d.Val() {
+		case "secret_hash":
+			err = oneArg(d, &c.SecretHash)
+		case "jwks_url":
+			err = oneArg(d, &c.JWKSURL)
+		case "jwks_file":
+			err = oneArg(d, &c.JWKSFile)
+		case "audience":
+			err = appendArgs(d, &c.Audiences)
+		case "resource":
+			err = appendArgs(d, &c.Resources)
+		case "scope":
+			err = appendArgs(d, &c.Scopes)
+		case "may_impersonate":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			c.MayImpersonate = true
+		default:
+			return d.Errf("unrecognized client option '%s'", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// parseHandler sets up the token_exchange middleware. Syntax:
+//
+//	token_exchange [<matcher>] [<audience...>] {
+//	    audience <aud...>
+//	    scope <scope...>
+//	    require_scope <scope...>
+//	    claims <claim...>
+//	    mode delegation|impersonation
+//	    realm <realm>
+//	}
+func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	h.Audiences = append(h.Audiences, d.RemainingArgs()...)
+	for d.NextBlock(0) {
+		var err error
+		switch d.Val() {
+		case "audience":
+			err = appendArgs(d, &h.Audiences)
+		case "scope":
+			err = appendArgs(d, &h.Scopes)
+		case "require_scope":
+			err = appendArgs(d, &h.RequireScopes)
+		case "claims":
+			if err = appendArgs(d, &h.Claims); err == nil {
+				for _, c := range h.Claims {
+					if exchange.IsRegisteredClaim(c) {
+						return d.Errf("claims: '%s' is set by the gateway and cannot be copied", c)
+					}
+				}
+			}
+		case "mode":
+			if err = oneArg(d, &h.Mode); err == nil && h.Mode != "delegation" && h.Mode != "impersonation" {
+				return d.Errf("mode must be delegation or impersonation, not '%s'", h.Mode)
+			}
+		case "realm":
+			err = oneArg(d, &h.Realm)
+		default:
+			return d.Errf("unrecognized token_exchange subdirective '%s'", d.Val())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(h.Audiences) == 0 {
+		return d.Err("token_exchange: at least one audience is required")
+	}
+	for _, s := range h.RequireScopes {
+		if !slices.Contains(h.Scopes, s) {
+			return d.Errf("token_exchange: require_scope '%s' is not among the route's scope", s)
+		}
+	}
+	return nil
+}
+
+// parseJWKSHandler sets up the token_exchange_jwks handler. Syntax:
+//
+//	token_exchange_jwks [<matcher>] {
+//	    max_age <duration>
+//	}
+func parseJWKSHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(JWKSHandler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens.
+func (h *JWKSHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "max_age":
+			if err := durationArg(d, &h.MaxAge); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized token_exchange_jwks subdirective '%s'", d.Val())
+		}
+	}
+	return nil
+}
+
+func oneArg(d *caddyfile.Dispenser, dst *string) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	*dst = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+func appendArgs(d *caddyfile.Dispenser, dst *[]string) error {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return d.ArgErr()
+	}
+	*dst = append(*dst, args...)
+	return nil
+}
+
+func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	var s string
+	if err := oneArg(d, &s); err != nil {
+		return err
+	}
+	dur, err := caddy.ParseDuration(s)
+	if err != nil {
+		return d.Errf("invalid duration '%s': %v", s, err)
+	}
+	if dur < 0 {
+		return d.Errf("duration '%s' must not be negative", s)
+	}
+	*dst = caddy.Duration(dur)
+	return nil
+}
+
+func intArg(d *caddyfile.Dispenser, dst *int) error {
+	var s string
+	if err := oneArg(d, &s); err != nil {
+		return err
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 {
+		return d.Errf("'%s' must be a positive whole number", s)
+	}
+	*dst = n
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddyfile.Unmarshaler = (*App)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+	_ caddyfile.Unmarshaler = (*JWKSHandler)(nil)
+)

@@ -1,0 +1,218 @@
+package caddymodule
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler is the `token_exchange` middleware. It terminates the inbound
+// bearer token, exchanges it in-process for a short-lived token minted for
+// this route's audiences and scopes (RFC 8693 delegation: `sub` stays the
+// user, `act` names the gateway), and forwards the request with only the
+// minted token. Failures answer per RFC 6750 and never reach the next handler.
+type Handler struct {
+	// Audiences of the minted token. At least one.
+	Audiences []string `json:"audiences,omitempty"`
+	// Scopes is the most this route delegates; issued scopes are these
+	// intersected with the subject's (mapped) scopes.
+	Scopes []string `json:"scopes,omitempty"`
+	// RequireScopes must be obtainable, else 403 insufficient_scope.
+	RequireScopes []string `json:"require_scopes,omitempty"`
+	// Claims are subject claims copied into the minted token.
+	Claims []string `json:"claims,omitempty"`
+	// Mode is `delegation` (default: act present) or `impersonation` (no act).
+	Mode string `json:"mode,omitempty"`
+	// Realm of the WWW-Authenticate challenge. Default: the request host.
+	Realm string `json:"realm,omitempty"`
+
+	engine *exchange.Engine
+	grant  exchange.Grant
+	logger *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.token_exchange",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Provision sets up the handler.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	app, err := appFrom(ctx, "token_exchange handler")
+	if err != nil {
+		return err
+	}
+	h.engine = app.Engine()
+	h.grant = exchange.Grant{
+		Audiences:     h.Audiences,
+		Scopes:        h.Scopes,
+		RequireScopes: h.RequireScopes,
+		Claims:        h.Claims,
+		Impersonate:   h.Mode == "impersonation",
+	}
+	return nil
+}
+
+// Validate checks the route's policy at load time.
+func (h *Handler) Validate() error {
+	switch h.Mode {
+	case "", "delegation", "impersonation":
+	default:
+		return fmt.Errorf("token_exchange: mode must be delegation or impersonation, not %q", h.Mode)
+	}
+	if err := h.grant.Validate(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+	return nil
+}
+
+// ServeHTTP exchanges the inbound token and calls the next handler with the
+// minted one.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	raw, ferr := bearerToken(r)
+	if ferr != nil {
+		return h.refuse(w, r, "", ferr)
+	}
+	minted, err := h.engine.ExchangeBearer(r.Context(), raw, &h.grant)
+	if err != nil {
+		return h.refuse(w, r, raw, exchange.AsError(err))
+	}
+
+	// The inbound token must not travel any further: replace Authorization
+	// and drop any other header that carries it.
+	for name, values := range r.Header {
+		for _, v := range values {
+			if strings.Contains(v, raw) {
+				r.Header.Del(name)
+				break
+			}
+		}
+	}
+	r.Header.Set("Authorization", "Bearer "+minted.Token)
+
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	scope := exchange.FormatScope(minted.Scopes)
+	repl.Set("http.auth.user.id", minted.Subject)
+	repl.Set("token_exchange.subject", minted.Subject)
+	repl.Set("token_exchange.actor", minted.Actor.String())
+	repl.Set("token_exchange.scope", scope)
+	repl.Set("token_exchange.jti", minted.JTI)
+
+	h.logger.Info("token exchanged",
+		zap.String("sub", minted.Subject),
+		zap.Any("act", minted.ActChain),
+		zap.Strings("aud", minted.Audiences),
+		zap.String("scope", scope),
+		zap.String("jti", minted.JTI),
+		zap.String("subject_issuer", minted.SubjectIssuer),
+		zap.String("subject_token_sha256", minted.SubjectTokenHash),
+		zap.Time("exp", minted.Expiry))
+	return next.ServeHTTP(w, r)
+}
+
+// bearerToken extracts the RFC 6750 §2.1 bearer token. It accepts exactly
+// one Authorization header with the Bearer scheme; tokens in the query are
+// refused rather than ignored, so they cannot slip through to the upstream.
+func bearerToken(r *http.Request) (string, *exchange.Error) {
+	if r.URL.Query().Has("access_token") {
+		return "", &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_query",
+			Description: "access tokens in the URI query are not accepted; use the Authorization header"}
+	}
+	values := r.Header.Values("Authorization")
+	switch len(values) {
+	case 0:
+		return "", &exchange.Error{Kind: exchange.KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
+	case 1:
+	default:
+		return "", &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "multiple_authorization",
+			Description: "more than one Authorization header"}
+	}
+	scheme, token, ok := strings.Cut(strings.TrimSpace(values[0]), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", &exchange.Error{Kind: exchange.KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
+	}
+	token = strings.TrimSpace(token)
+	if token == "" {
+		return "", &exchange.Error{Kind: exchange.KindInvalidToken, Reason: "malformed", Description: "empty bearer token"}
+	}
+	return token, nil
+}
+
+// refuse answers a failed exchange per RFC 6750 §3 and logs it without the token.
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *exchange.Error) error {
+	status, code := http.StatusUnauthorized, ""
+	switch e.Kind {
+	case exchange.KindMissingToken:
+		// RFC 6750 §3.1: no error code when the request carried no credentials.
+	case exchange.KindInvalidRequest:
+		status, code = http.StatusBadRequest, "invalid_request"
+	case exchange.KindInsufficientScope, exchange.KindDenied:
+		status, code = http.StatusForbidden, "insufficient_scope"
+	case exchange.KindServer:
+		status = http.StatusInternalServerError
+	default:
+		code = "invalid_token"
+	}
+	fields := []zap.Field{
+		zap.String("reason", e.Reason),
+		zap.String("description", e.Description),
+		zap.Int("status", status),
+	}
+	if raw != "" {
+		fields = append(fields, zap.String("subject_token_sha256", exchange.HashToken(raw)))
+	}
+	if e.Err != nil {
+		fields = append(fields, zap.Error(e.Err))
+	}
+	if status == http.StatusInternalServerError {
+		h.logger.Error("token exchange failed", fields...)
+		return caddyhttp.Error(status, fmt.Errorf("token exchange failed: %s", e.Reason))
+	}
+	h.logger.Info("token exchange refused", fields...)
+
+	realm := h.Realm
+	if realm == "" {
+		realm = r.Host
+	}
+	challenge := `Bearer realm="` + quoteSafe(realm) + `"`
+	if code != "" {
+		challenge += `, error="` + code + `", error_description="` + quoteSafe(e.Description) + `"`
+	}
+	if e.Kind == exchange.KindInsufficientScope && len(h.RequireScopes) > 0 {
+		challenge += `, scope="` + quoteSafe(exchange.FormatScope(h.RequireScopes)) + `"`
+	}
+	w.Header().Set("WWW-Authenticate", challenge)
+	return caddyhttp.Error(status, fmt.Errorf("token exchange refused: %s", e.Reason))
+}
+
+// quoteSafe keeps a value within an RFC 6750 quoted-string: printable ASCII
+// without `"` or `\`.
+func quoteSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r < 0x20 || r > 0x7e || r == '"' || r == '\\' {
+			return -1
+		}
+		return r
+	}, s)
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,70 @@
+package caddymodule
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
+)
+
+func init() {
+	caddy.RegisterModule(JWKSHandler{})
+}
+
+// JWKSHandler is the `token_exchange_jwks` handler: it serves the gateway's
+// public signing keys as a JWK Set (RFC 7517), so upstream APIs can verify
+// the tokens the gateway mints.
+type JWKSHandler struct {
+	// MaxAge of the Cache-Control header (default 5m).
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
+
+	signer *exchange.Signer
+}
+
+// CaddyModule returns the Caddy module information.
+func (JWKSHandler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.token_exchange_jwks",
+		New: func() caddy.Module { return new(JWKSHandler) },
+	}
+}
+
+// Provision sets up the handler.
+func (h *JWKSHandler) Provision(ctx caddy.Context) error {
+	app, err := appFrom(ctx, "token_exchange_jwks handler")
+	if err != nil {
+		return err
+	}
+	h.signer = app.Engine().Signer()
+	if h.MaxAge == 0 {
+		h.MaxAge = caddy.Duration(5 * time.Minute)
+	}
+	return nil
+}
+
+// ServeHTTP serves the JWKS.
+func (h *JWKSHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		return caddyhttp.Error(http.StatusMethodNotAllowed, nil)
+	}
+	body := h.signer.JWKS()
+	w.Header().Set("Content-Type", "application/jwk-set+json")
+	w.Header().Set("Cache-Control", "public, max-age="+strconv.Itoa(int(time.Duration(h.MaxAge).Seconds())))
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodGet {
+		_, _ = w.Write(body)
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*JWKSHandler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*JWKSHandler)(nil)
+)

@@ -1,0 +1,242 @@
+package exchange
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v3/jwt"
+)
+
+// DefaultTokenLifetime caps how long a minted token lives.
+const DefaultTokenLifetime = 5 * time.Minute
+
+// registeredClaims may never be copied from the subject or computed by
+// configuration: they are the minting engine's to set.
+var registeredClaims = []string{
+	"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act", "scope", "client_id", "may_act", "cnf",
+}
+
+// IsRegisteredClaim tells whether name is one of the claims only the engine sets.
+func IsRegisteredClaim(name string) bool { return slices.Contains(registeredClaims, name) }
+
+// EngineConfig configures the exchange engine.
+type EngineConfig struct {
+	// Issuer is the `iss` of every minted token.
+	Issuer string
+	// Actor is act.sub of in-process exchanges (default: Issuer).
+	Actor string
+	// TokenLifetime caps minted tokens (default 5m); never past the subject's exp.
+	TokenLifetime time.Duration
+	// MaxActDepth bounds a subject's act chain (default 5).
+	MaxActDepth int
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// Engine is the one exchange engine both front doors share: it verifies
+// subject tokens (Trust), applies policy and mints (Signer).
+type Engine struct {
+	cfg    EngineConfig
+	trust  *TrustStore
+	signer *Signer
+}
+
+// NewEngine checks the configuration and assembles an engine.
+func NewEngine(cfg EngineConfig, trust *TrustStore, signer *Signer) (*Engine, error) {
+	if cfg.Issuer == "" {
+		return nil, errors.New("issuer is required: it is the iss of every minted token")
+	}
+	if trust == nil || signer == nil {
+		return nil, errors.New("engine needs a trust store and a signer")
+	}
+	if cfg.Actor == "" {
+		cfg.Actor = cfg.Issuer
+	}
+	if cfg.TokenLifetime <= 0 {
+		cfg.TokenLifetime = DefaultTokenLifetime
+	}
+	if cfg.MaxActDepth <= 0 {
+		cfg.MaxActDepth = DefaultMaxActDepth
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Engine{cfg: cfg, trust: trust, signer: signer}, nil
+}
+
+// Issuer is the iss of minted tokens.
+func (e *Engine) Issuer() string { return e.cfg.Issuer }
+
+// Actor is the gateway's own actor identity.
+func (e *Engine) Actor() Actor { return Actor{Subject: e.cfg.Actor} }
+
+// Trust is the engine's trust store.
+func (e *Engine) Trust() *TrustStore { return e.trust }
+
+// Signer is the engine's signer.
+func (e *Engine) Signer() *Signer { return e.signer }
+
+// Grant is what one exchange may issue: the route's (or client's) policy.
+type Grant struct {
+	// Audiences of the minted token (at least one).
+	Audiences []string
+	// Scopes is the most this grant delegates; issued scopes are
+	// Scopes ∩ the subject's (mapped) scopes.
+	Scopes []string
+	// RequireScopes must all be issued, else KindInsufficientScope.
+	RequireScopes []string
+	// Claims are subject claims copied into the minted token.
+	Claims []string
+	// Impersonate mints without act (RFC 8693 impersonation).
+	Impersonate bool
+	// ClientID overrides the minted client_id (the endpoint's client).
+	ClientID string
+}
+
+// Validate checks a grant at configuration time.
+func (g *Grant) Validate() error {
+	if len(g.Audiences) == 0 {
+		return errors.New("at least one audience is required")
+	}
+	for _, c := range g.Claims {
+		if IsRegisteredClaim(c) {
+			return fmt.Errorf("claim %q is set by the engine and cannot be copied", c)
+		}
+	}
+	for _, s := range g.RequireScopes {
+		if !slices.Contains(g.Scopes, s) {
+			return fmt.Errorf("require_scope %q is not among the scopes this route delegates", s)
+		}
+	}
+	return nil
+}
+
+// Minted is the outcome of a successful exchange.
+type Minted struct {
+	Token     string
+	Subject   string
+	Actor     Actor
+	Audiences []string
+	Scopes    []string
+	JTI       string
+	IssuedAt  time.Time
+	Expiry    time.Time
+	// SubjectIssuer and SubjectTokenHash describe the inbound token for audit.
+	SubjectIssuer    string
+	SubjectTokenHash string
+	// ActChain is the minted act claim (nil under impersonation).
+	ActChain map[string]any
+}
+
+// ExchangeBearer is the in-process exchange of the middleware: it verifies a
+// bearer token as an access token and mints for grant with the gateway as actor.
+func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant) (*Minted, error) {
+	if raw == "" {
+		return nil, &Error{Kind: KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
+	}
+	subject, err := e.Verify(ctx, raw, "access_token")
+	if err != nil {
+		return nil, err
+	}
+	return e.Exchange(subject, e.Actor(), grant)
+}
+
+// Verify checks an inbound token presented as tokenType (a short name).
+func (e *Engine) Verify(ctx context.Context, raw, tokenType string) (*Subject, error) {
+	return e.trust.Verify(ctx, raw, VerifyOptions{TokenType: tokenType, MaxActDepth: e.cfg.MaxActDepth})
+}
+
+// Exchange applies policy to a verified subject and mints a token for grant.
+func (e *Engine) Exchange(subject *Subject, actor Actor, grant *Grant) (*Minted, error) {
+	if subject.MayAct != nil {
+		if err := mayActPermits(subject.MayAct, actor, e.cfg.Issuer); err != nil {
+			return nil, denied("may_act", "subject token does not permit this actor: %v", err)
+		}
+	}
+	scopes := IntersectScopes(grant.Scopes, subject.Scopes)
+	if missing := missingScopes(grant.RequireScopes, scopes); len(missing) > 0 {
+		return nil, &Error{Kind: KindInsufficientScope, Reason: "insufficient_scope",
+			Description: "subject token does not hold the required scope " + FormatScope(missing)}
+	}
+
+	now := e.cfg.Now().Truncate(time.Second)
+	exp := now.Add(e.cfg.TokenLifetime)
+	if subject.Expiry.Before(exp) {
+		exp = subject.Expiry
+	}
+	if !exp.After(now) {
+		return nil, invalidToken("expired", "token is expired")
+	}
+	jti, err := newJTI()
+	if err != nil {
+		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
+	}
+
+	tok := jwt.New()
+	set := func(k string, v any) {
+		if err == nil {
+			err = tok.Set(k, v)
+		}
+	}
+	// Copied claims first, so nothing below can be overridden by them.
+	for _, name := range grant.Claims {
+		if v, ok := subject.Claim(name); ok && !IsRegisteredClaim(name) {
+			set(name, v)
+		}
+	}
+	set(jwt.IssuerKey, e.cfg.Issuer)
+	set(jwt.SubjectKey, subject.Subject)
+	set(jwt.AudienceKey, grant.Audiences)
+	set(jwt.ExpirationKey, exp)
+	set(jwt.IssuedAtKey, now)
+	set(jwt.NotBeforeKey, now)
+	set(jwt.JwtIDKey, jti)
+	if len(scopes) > 0 {
+		set("scope", FormatScope(scopes))
+	}
+	clientID := grant.ClientID
+	if clientID == "" {
+		clientID = subject.ClientID
+	}
+	if clientID != "" {
+		set("client_id", clientID)
+	}
+	var act map[string]any
+	if !grant.Impersonate {
+		act = nestAct(actor, subject.Act)
+		set("act", act)
+	}
+	if err != nil {
+		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
+	}
+	signed, err := e.signer.Sign(tok)
+	if err != nil {
+		return nil, &Error{Kind: KindServer, Reason: "signing", Description: "internal error", Err: err}
+	}
+	return &Minted{
+		Token:            signed,
+		Subject:          subject.Subject,
+		Actor:            actor,
+		Audiences:        grant.Audiences,
+		Scopes:           scopes,
+		JTI:              jti,
+		IssuedAt:         now,
+		Expiry:           exp,
+		SubjectIssuer:    subject.Issuer,
+		SubjectTokenHash: subject.TokenHash,
+		ActChain:         act,
+	}, nil
+}
+
+func newJTI() (string, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	return base64.RawURLEncoding.EncodeToString(b[:]), nil
+}

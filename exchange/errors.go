@@ -1,0 +1,75 @@
+package exchange
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Kind classifies why an exchange failed. Each front door maps a Kind to its
+// own wire format: the middleware to RFC 6750 (401/403 with WWW-Authenticate),
+// the token endpoint to RFC 6749 §5.2 / RFC 8693 §2.2.2 JSON errors.
+type Kind int
+
+const (
+	// KindMissingToken: no bearer token was presented.
+	KindMissingToken Kind = iota + 1
+	// KindInvalidToken: the presented token is malformed, unverifiable,
+	// expired, from an untrusted issuer, or for another audience.
+	KindInvalidToken
+	// KindInsufficientScope: a required scope cannot be obtained.
+	KindInsufficientScope
+	// KindDenied: the token is valid but policy refuses the exchange
+	// (may_act, act depth, rules).
+	KindDenied
+	// KindInvalidRequest: the exchange request itself is malformed.
+	KindInvalidRequest
+	// KindInvalidTarget: an audience or resource we will not issue for.
+	KindInvalidTarget
+	// KindInvalidScope: nothing of the requested scope can be granted.
+	KindInvalidScope
+	// KindInvalidClient: client authentication failed.
+	KindInvalidClient
+	// KindUnauthorizedClient: the client may not use this grant.
+	KindUnauthorizedClient
+	// KindUnsupportedGrantType: a grant_type other than token exchange.
+	KindUnsupportedGrantType
+	// KindServer: an internal failure (signing, storage); never the caller's fault.
+	KindServer
+)
+
+// Error is a failed exchange. Description is safe to show to the caller: it
+// names the reason and never echoes the token. Reason is a short, stable,
+// low-cardinality code for logs and metrics. Err, when set, is the internal
+// cause and is only logged.
+type Error struct {
+	Kind        Kind
+	Reason      string
+	Description string
+	Err         error
+}
+
+func (e *Error) Error() string {
+	if e.Err != nil {
+		return fmt.Sprintf("%s: %s: %v", e.Reason, e.Description, e.Err)
+	}
+	return e.Reason + ": " + e.Description
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// AsError returns err as an *Error, wrapping anything else as a server error.
+func AsError(err error) *Error {
+	var e *Error
+	if errors.As(err, &e) {
+		return e
+	}
+	return &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
+}
+
+func invalidToken(reason, format string, args ...any) *Error {
+	return &Error{Kind: KindInvalidToken, Reason: reason, Description: fmt.Sprintf(format, args...)}
+}
+
+func denied(reason, format string, args ...any) *Error {
+	return &Error{Kind: KindDenied, Reason: reason, Description: fmt.Sprintf(format, args...)}
+}

@@ -1,0 +1,237 @@
+package exchange
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"slices"
+
+	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jwk"
+	"github.com/lestrrat-go/jwx/v3/jws"
+	"github.com/lestrrat-go/jwx/v3/jwt"
+)
+
+// SigningAlgorithms are the algorithms the gateway can mint with.
+var SigningAlgorithms = []string{"ES256", "ES384", "EdDSA", "RS256", "PS256"}
+
+// DefaultSigningAlgorithm is what the gateway signs with unless told otherwise.
+const DefaultSigningAlgorithm = "ES256"
+
+// KeyStorage is the part of Caddy's storage (certmagic.Storage) the signer
+// needs to share one key between restarts and instances.
+type KeyStorage interface {
+	Lock(ctx context.Context, name string) error
+	Unlock(ctx context.Context, name string) error
+	Load(ctx context.Context, key string) ([]byte, error)
+	Store(ctx context.Context, key string, value []byte) error
+}
+
+// Signer signs minted tokens with the gateway's private key.
+type Signer struct {
+	alg     jwa.SignatureAlgorithm
+	kid     string
+	private crypto.Signer
+	public  jwk.Set
+	jwks    []byte
+}
+
+// CheckSigningAlgorithm tells whether the gateway can mint with alg.
+func CheckSigningAlgorithm(alg string) error {
+	if !slices.Contains(SigningAlgorithms, alg) {
+		return fmt.Errorf("signing algorithm %q is not supported (supported: %v)", alg, SigningAlgorithms)
+	}
+	return nil
+}
+
+// GenerateSigningKey creates a new private key for alg, as a JWK with its
+// RFC 7638 thumbprint as kid.
+func GenerateSigningKey(alg string) (jwk.Key, error) {
+	if err := CheckSigningAlgorithm(alg); err != nil {
+		return nil, err
+	}
+	var raw any
+	var err error
+	switch alg {
+	case "ES256":
+		raw, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case "ES384":
+		raw, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	case "EdDSA":
+		_, raw, err = ed25519.GenerateKey(rand.Reader)
+	case "RS256", "PS256":
+		raw, err = rsa.GenerateKey(rand.Reader, 2048)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("generating %s key: %w", alg, err)
+	}
+	key, err := jwk.Import(raw)
+	if err != nil {
+		return nil, err
+	}
+	return key, nil
+}
+
+// NewSigner prepares a signer from a private JWK for alg.
+func NewSigner(key jwk.Key, alg string) (*Signer, error) {
+	if err := CheckSigningAlgorithm(alg); err != nil {
+		return nil, err
+	}
+	var raw any
+	if err := jwk.Export(key, &raw); err != nil {
+		return nil, fmt.Errorf("signing key: %w", err)
+	}
+	signer, ok := raw.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("signing key is a %T, not a private key", raw)
+	}
+	if !keyFitsAlgorithm(signer.Public(), alg) {
+		return nil, fmt.Errorf("signing key (%T) does not fit signing_alg %s", signer.Public(), alg)
+	}
+	if a, ok := key.Algorithm(); ok && a.String() != alg {
+		return nil, fmt.Errorf("signing key is for %s, not signing_alg %s", a, alg)
+	}
+	pub, err := jwk.PublicKeyOf(key)
+	if err != nil {
+		return nil, err
+	}
+	kid, ok := key.KeyID()
+	if !ok || kid == "" {
+		if err := jwk.AssignKeyID(pub); err != nil {
+			return nil, err
+		}
+		kid, _ = pub.KeyID()
+	}
+	sigAlg, _ := jwa.LookupSignatureAlgorithm(alg)
+	for _, set := range []struct {
+		name string
+		val  any
+	}{{jwk.KeyIDKey, kid}, {jwk.AlgorithmKey, sigAlg}, {jwk.KeyUsageKey, "sig"}} {
+		if err := pub.Set(set.name, set.val); err != nil {
+			return nil, err
+		}
+	}
+	public := jwk.NewSet()
+	if err := public.AddKey(pub); err != nil {
+		return nil, err
+	}
+	jwks, err := json.Marshal(public)
+	if err != nil {
+		return nil, err
+	}
+	return &Signer{alg: sigAlg, kid: kid, private: signer, public: public, jwks: jwks}, nil
+}
+
+// SignerFromFile loads a private key from a PEM or JWK file.
+func SignerFromFile(path, alg string) (*Signer, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading signing_key_file: %w", err)
+	}
+	key, err := jwk.ParseKey(data, jwk.WithPEM(isPEM(data)))
+	if err != nil {
+		return nil, fmt.Errorf("signing_key_file %s: %w", path, err)
+	}
+	s, err := NewSigner(key, alg)
+	if err != nil {
+		return nil, fmt.Errorf("signing_key_file %s: %w", path, err)
+	}
+	return s, nil
+}
+
+func isPEM(data []byte) bool {
+	for _, b := range data {
+		switch b {
+		case ' ', '\t', '\r', '\n':
+			continue
+		}
+		return b == '-'
+	}
+	return false
+}
+
+// signingKeyStorageKey is where a generated key lives in Caddy storage.
+func signingKeyStorageKey(alg string) string {
+	return "token_exchange/keys/" + alg + "/signing.jwk"
+}
+
+// LoadOrCreateSigner returns the signer kept in storage for alg, generating
+// and storing one if there is none. It follows Caddy's distributed-STEK
+// pattern: lock, load, generate and store only if absent, unlock, so every
+// instance that shares the storage signs with the same key and kid.
+func LoadOrCreateSigner(ctx context.Context, storage KeyStorage, alg string) (*Signer, error) {
+	if err := CheckSigningAlgorithm(alg); err != nil {
+		return nil, err
+	}
+	name := signingKeyStorageKey(alg)
+	if err := storage.Lock(ctx, name); err != nil {
+		return nil, fmt.Errorf("locking signing key in storage: %w", err)
+	}
+	defer func() { _ = storage.Unlock(context.WithoutCancel(ctx), name) }()
+
+	data, err := storage.Load(ctx, name)
+	switch {
+	case err == nil:
+		key, err := jwk.ParseKey(data)
+		if err != nil {
+			return nil, fmt.Errorf("signing key in storage at %s is corrupt: %w", name, err)
+		}
+		return NewSigner(key, alg)
+	case !errors.Is(err, fs.ErrNotExist):
+		return nil, fmt.Errorf("loading signing key from storage: %w", err)
+	}
+
+	key, err := GenerateSigningKey(alg)
+	if err != nil {
+		return nil, err
+	}
+	if err := jwk.AssignKeyID(key); err != nil {
+		return nil, err
+	}
+	data, err = json.Marshal(key)
+	if err != nil {
+		return nil, err
+	}
+	if err := storage.Store(ctx, name, data); err != nil {
+		return nil, fmt.Errorf("storing signing key: %w", err)
+	}
+	return NewSigner(key, alg)
+}
+
+// Algorithm is the signing algorithm.
+func (s *Signer) Algorithm() string { return s.alg.String() }
+
+// KeyID is the kid of the signing key.
+func (s *Signer) KeyID() string { return s.kid }
+
+// PublicKeys is the JWKS of the public signing keys.
+func (s *Signer) PublicKeys() jwk.Set { return s.public }
+
+// JWKS is the public JWKS, serialized.
+func (s *Signer) JWKS() []byte { return s.jwks }
+
+// Sign signs a claims set as an RFC 9068 access token (typ at+jwt, kid).
+func (s *Signer) Sign(tok jwt.Token) (string, error) {
+	// Fresh headers per call: jws.Sign may write to the set it is given.
+	headers := jws.NewHeaders()
+	if err := headers.Set(jws.TypeKey, "at+jwt"); err != nil {
+		return "", err
+	}
+	if err := headers.Set(jws.KeyIDKey, s.kid); err != nil {
+		return "", err
+	}
+	b, err := jwt.Sign(tok, jwt.WithKey(s.alg, s.private, jws.WithProtectedHeaders(headers)))
+	if err != nil {
+		return "", fmt.Errorf("signing minted token: %w", err)
+	}
+	return string(b), nil
+}

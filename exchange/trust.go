@@ -1,0 +1,434 @@
+package exchange
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lestrrat-go/httprc/v3"
+	"github.com/lestrrat-go/jwx/v3/jwk"
+	"go.uber.org/zap"
+)
+
+// Defaults for trusted issuers.
+const (
+	DefaultClockSkew        = 30 * time.Second
+	DefaultMaxTokenSize     = 16 << 10
+	DefaultRefetchInterval  = 30 * time.Second
+	DefaultFetchTimeout     = 5 * time.Second
+	DefaultMaxJWKSBodySize  = 1 << 20
+	defaultJWKSMinRefresh   = time.Minute
+	defaultJWKSMaxRefresh   = time.Hour
+	defaultScopeClaim       = "scope"
+	defaultInboundTokenType = "access_token"
+)
+
+// supportedVerifyAlgorithms are the asymmetric JWS algorithms an issuer may
+// be trusted with. `none` and HMAC are never among them: a shared secret
+// cannot come from a public JWKS, and accepting HS* is how key confusion starts.
+var supportedVerifyAlgorithms = []string{
+	"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+}
+
+// CheckVerifyAlgorithm tells whether alg may be put on an issuer's allow-list.
+func CheckVerifyAlgorithm(alg string) error {
+	switch {
+	case slices.Contains(supportedVerifyAlgorithms, alg):
+		return nil
+	case alg == "" || equalFoldASCII(alg, "none"):
+		return fmt.Errorf("algorithm %q is refused: unsigned tokens are never accepted", alg)
+	case len(alg) >= 2 && equalFoldASCII(alg[:2], "HS"):
+		return fmt.Errorf("algorithm %q is refused: HMAC cannot be verified with public keys and invites key confusion", alg)
+	default:
+		return fmt.Errorf("algorithm %q is not supported (supported: %v)", alg, supportedVerifyAlgorithms)
+	}
+}
+
+func equalFoldASCII(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		ca, cb := a[i]|0x20, b[i]|0x20
+		if ca != cb {
+			return false
+		}
+	}
+	return true
+}
+
+// IssuerConfig describes one trusted issuer of subject tokens.
+type IssuerConfig struct {
+	// Issuer is the exact `iss` its tokens carry.
+	Issuer string
+	// JWKSURL or JWKSFile: where its public keys come from (exactly one).
+	JWKSURL  string
+	JWKSFile string
+	// Audiences: an inbound token's `aud` must contain one of them.
+	Audiences []string
+	// Algorithms is the required allow-list of JWS algorithms.
+	Algorithms []string
+	// TokenTypes are the short names (access_token, jwt, id_token, ...) of
+	// what this issuer's tokens may be presented as. Default: access_token, jwt.
+	TokenTypes []string
+	// ScopeClaim is `scope` (space-delimited string, default) or `scp` (array).
+	ScopeClaim string
+	// Scopes maps the issuer's scopes to ours.
+	Scopes ScopeMap
+	// RefetchInterval is the least time between two forced JWKS fetches
+	// (on an unknown kid), so a flood of random kids costs one fetch.
+	RefetchInterval time.Duration
+}
+
+// TrustConfig configures a TrustStore.
+type TrustConfig struct {
+	Issuers      []IssuerConfig
+	ClockSkew    time.Duration
+	MaxTokenSize int
+	FetchTimeout time.Duration
+	// HTTPClient fetches JWKS; by default a client with FetchTimeout.
+	HTTPClient *http.Client
+	Now        func() time.Time
+	Logger     *zap.Logger
+}
+
+// TrustStore holds the trusted issuers and their keys, and verifies inbound
+// tokens against them. Its JWKS refreshers live until Close.
+type TrustStore struct {
+	issuers      map[string]*trustedIssuer
+	clockSkew    time.Duration
+	maxTokenSize int
+	now          func() time.Time
+	logger       *zap.Logger
+	cache        *jwk.Cache
+	cancel       context.CancelFunc
+}
+
+type trustedIssuer struct {
+	cfg        IssuerConfig
+	tokenTypes []string
+	scopeClaim string
+	cache      *jwk.Cache
+	staticSet  jwk.Set
+	index      atomic.Pointer[keyIndex]
+	logger     *zap.Logger
+
+	refetchMu   sync.Mutex
+	lastRefetch time.Time
+	fetches     atomic.Int64
+}
+
+// keyIndex is a JWKS turned into ready-to-use public keys, by kid.
+type keyIndex struct {
+	set  jwk.Set
+	keys []verifyKey
+}
+
+type verifyKey struct {
+	kid string
+	alg string // the JWK's own alg, if any
+	pub any
+}
+
+// NewTrustStore validates the configuration, loads JWKS files and registers
+// JWKS URLs with a background-refreshing cache bound to ctx. It does not wait
+// for remote JWKS: an issuer that is down at start-up fails closed (its tokens
+// are refused) until its keys arrive.
+func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
+	ts := &TrustStore{
+		issuers:      make(map[string]*trustedIssuer, len(cfg.Issuers)),
+		clockSkew:    cfg.ClockSkew,
+		maxTokenSize: cfg.MaxTokenSize,
+		now:          cfg.Now,
+		logger:       cfg.Logger,
+	}
+	if ts.clockSkew == 0 {
+		ts.clockSkew = DefaultClockSkew
+	}
+	if ts.maxTokenSize <= 0 {
+		ts.maxTokenSize = DefaultMaxTokenSize
+	}
+	if ts.now == nil {
+		ts.now = time.Now
+	}
+	if ts.logger == nil {
+		ts.logger = zap.NewNop()
+	}
+	if len(cfg.Issuers) == 0 {
+		return nil, errors.New("no trusted issuer configured")
+	}
+	for _, ic := range cfg.Issuers {
+		if err := validateIssuerConfig(&ic); err != nil {
+			return nil, fmt.Errorf("trusted issuer %q: %w", ic.Issuer, err)
+		}
+		if _, dup := ts.issuers[ic.Issuer]; dup {
+			return nil, fmt.Errorf("trusted issuer %q is configured twice", ic.Issuer)
+		}
+		ti := &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, logger: ts.logger}
+		if ic.JWKSFile != "" {
+			set, err := jwk.ReadFile(ic.JWKSFile)
+			if err != nil {
+				return nil, fmt.Errorf("trusted issuer %q: reading jwks_file: %w", ic.Issuer, err)
+			}
+			pub, err := jwk.PublicSetOf(set)
+			if err != nil {
+				return nil, fmt.Errorf("trusted issuer %q: jwks_file: %w", ic.Issuer, err)
+			}
+			ti.staticSet = pub
+		}
+		ts.issuers[ic.Issuer] = ti
+	}
+
+	var urlIssuers []*trustedIssuer
+	for _, ti := range ts.issuers {
+		if ti.cfg.JWKSURL != "" {
+			urlIssuers = append(urlIssuers, ti)
+		}
+	}
+	if len(urlIssuers) > 0 {
+		client := cfg.HTTPClient
+		if client == nil {
+			timeout := cfg.FetchTimeout
+			if timeout <= 0 {
+				timeout = DefaultFetchTimeout
+			}
+			client = &http.Client{Timeout: timeout}
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		cache, err := jwk.NewCache(cctx, httprc.NewClient(httprc.WithWorkers(2)))
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("starting JWKS cache: %w", err)
+		}
+		ts.cache, ts.cancel = cache, cancel
+		for _, ti := range urlIssuers {
+			ti.cache = cache
+			err := cache.Register(cctx, ti.cfg.JWKSURL,
+				jwk.WithHTTPClient(client),
+				jwk.WithWaitReady(false),
+				jwk.WithMaxFetchBodySize(DefaultMaxJWKSBodySize),
+				jwk.WithMinInterval(defaultJWKSMinRefresh),
+				jwk.WithMaxInterval(defaultJWKSMaxRefresh),
+			)
+			if err != nil {
+				ts.Close()
+				return nil, fmt.Errorf("trusted issuer %q: registering jwks_url: %w", ti.cfg.Issuer, err)
+			}
+		}
+	}
+	return ts, nil
+}
+
+func validateIssuerConfig(ic *IssuerConfig) error {
+	if ic.Issuer == "" {
+		return errors.New("issuer must not be empty")
+	}
+	switch {
+	case ic.JWKSURL == "" && ic.JWKSFile == "":
+		return errors.New("one of jwks_url or jwks_file is required")
+	case ic.JWKSURL != "" && ic.JWKSFile != "":
+		return errors.New("jwks_url and jwks_file are mutually exclusive")
+	}
+	if len(ic.Audiences) == 0 {
+		return errors.New("at least one audience is required: tokens meant for another service must not pass")
+	}
+	if len(ic.Algorithms) == 0 {
+		return errors.New("algorithms is required (for example: algorithms RS256 ES256)")
+	}
+	for _, alg := range ic.Algorithms {
+		if err := CheckVerifyAlgorithm(alg); err != nil {
+			return err
+		}
+	}
+	if len(ic.TokenTypes) == 0 {
+		ic.TokenTypes = []string{"access_token", "jwt"}
+	}
+	for _, tt := range ic.TokenTypes {
+		if _, ok := tokenTypeURNs[tt]; !ok {
+			return fmt.Errorf("unknown token type %q", tt)
+		}
+	}
+	switch ic.ScopeClaim {
+	case "":
+		ic.ScopeClaim = defaultScopeClaim
+	case "scope", "scp":
+	default:
+		return fmt.Errorf("scope_claim must be scope or scp, not %q", ic.ScopeClaim)
+	}
+	if ic.RefetchInterval <= 0 {
+		ic.RefetchInterval = DefaultRefetchInterval
+	}
+	return nil
+}
+
+// Close stops the JWKS refreshers.
+func (ts *TrustStore) Close() error {
+	if ts.cancel == nil {
+		return nil
+	}
+	defer ts.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return ts.cache.Shutdown(ctx)
+}
+
+// JWKSFetches reports how many forced JWKS fetches an issuer has made.
+func (ts *TrustStore) JWKSFetches(issuer string) int64 {
+	if ti, ok := ts.issuers[issuer]; ok {
+		return ti.fetches.Load()
+	}
+	return 0
+}
+
+// Issuers lists the trusted issuers.
+func (ts *TrustStore) Issuers() []string {
+	out := make([]string, 0, len(ts.issuers))
+	for iss := range ts.issuers {
+		out = append(out, iss)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// currentSet returns the issuer's key set, or nil when none has arrived yet.
+func (ti *trustedIssuer) currentSet(ctx context.Context) jwk.Set {
+	if ti.staticSet != nil {
+		return ti.staticSet
+	}
+	set, err := ti.cache.Lookup(ctx, ti.cfg.JWKSURL)
+	if err != nil {
+		return nil
+	}
+	return set
+}
+
+// keys returns the indexed public keys of the issuer's current set.
+func (ti *trustedIssuer) keys(ctx context.Context) *keyIndex {
+	set := ti.currentSet(ctx)
+	if set == nil {
+		return nil
+	}
+	if idx := ti.index.Load(); idx != nil && idx.set == set {
+		return idx
+	}
+	idx := &keyIndex{set: set}
+	for i := 0; i < set.Len(); i++ {
+		k, _ := set.Key(i)
+		if use, ok := k.KeyUsage(); ok && use != "sig" {
+			continue
+		}
+		pk, err := jwk.PublicKeyOf(k)
+		if err != nil {
+			continue
+		}
+		var raw any
+		if err := jwk.Export(pk, &raw); err != nil {
+			continue
+		}
+		vk := verifyKey{pub: raw}
+		vk.kid, _ = k.KeyID()
+		if a, ok := k.Algorithm(); ok {
+			vk.alg = a.String()
+		}
+		idx.keys = append(idx.keys, vk)
+	}
+	ti.index.Store(idx)
+	return idx
+}
+
+// find picks the key for kid that fits alg. An empty kid is accepted only when
+// exactly one key of the set fits, so the header never chooses among several.
+func (idx *keyIndex) find(kid, alg string) (any, bool) {
+	if idx == nil {
+		return nil, false
+	}
+	var found any
+	n := 0
+	for _, k := range idx.keys {
+		if kid != "" && k.kid != kid {
+			continue
+		}
+		if k.alg != "" && k.alg != alg {
+			continue
+		}
+		if !keyFitsAlgorithm(k.pub, alg) {
+			continue
+		}
+		found = k.pub
+		n++
+		if kid != "" {
+			return found, true
+		}
+	}
+	return found, n == 1
+}
+
+// keyFitsAlgorithm tells whether alg can be verified with pub: the key type
+// (and curve) must be the one the algorithm is defined for.
+func keyFitsAlgorithm(pub any, alg string) bool {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		switch alg {
+		case "RS256", "RS384", "RS512", "PS256", "PS384", "PS512":
+			return k.N.BitLen() >= 2048
+		}
+	case *ecdsa.PublicKey:
+		switch alg {
+		case "ES256":
+			return k.Curve == elliptic.P256()
+		case "ES384":
+			return k.Curve == elliptic.P384()
+		case "ES512":
+			return k.Curve == elliptic.P521()
+		}
+	case ed25519.PublicKey:
+		return alg == "EdDSA"
+	}
+	return false
+}
+
+// keyFor returns the verification key for kid and alg, refetching the
+// issuer's JWKS (throttled) when the key is unknown.
+func (ti *trustedIssuer) keyFor(ctx context.Context, kid, alg string, now time.Time) (any, bool) {
+	if k, ok := ti.keys(ctx).find(kid, alg); ok {
+		return k, true
+	}
+	if ti.cache == nil || !ti.refetch(ctx, now) {
+		return nil, false
+	}
+	return ti.keys(ctx).find(kid, alg)
+}
+
+// refetch forces one JWKS fetch unless one happened within RefetchInterval.
+// Concurrent callers wait for the fetch in flight instead of starting their
+// own. It reports whether a fetch was made.
+func (ti *trustedIssuer) refetch(ctx context.Context, now time.Time) bool {
+	ti.refetchMu.Lock()
+	defer ti.refetchMu.Unlock()
+	if !ti.lastRefetch.IsZero() && now.Sub(ti.lastRefetch) < ti.cfg.RefetchInterval {
+		// Fetched recently (perhaps while we waited): look again, fetch nothing.
+		return true
+	}
+	ti.lastRefetch = now
+	ti.fetches.Add(1)
+	if _, err := ti.cache.Refresh(ctx, ti.cfg.JWKSURL); err != nil {
+		ti.logger.Warn("JWKS refetch failed; keeping the last good keys",
+			zap.String("issuer", ti.cfg.Issuer), zap.String("jwks_url", ti.cfg.JWKSURL), zap.Error(err))
+		return false
+	}
+	return true
+}
+
+// algorithmAllowed tells whether alg is on the issuer's allow-list.
+func (ti *trustedIssuer) algorithmAllowed(alg string) bool {
+	return slices.Contains(ti.cfg.Algorithms, alg)
+}

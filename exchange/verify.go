@@ -1,0 +1,228 @@
+package exchange
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jws"
+	"github.com/lestrrat-go/jwx/v3/jwt"
+)
+
+// Subject is a verified inbound token: who it names, what it holds.
+type Subject struct {
+	// Issuer is the trusted issuer that signed it.
+	Issuer string
+	// Subject is its `sub`.
+	Subject string
+	// Scopes are its scopes after the issuer's scope mapping.
+	Scopes []string
+	// Expiry is its `exp`.
+	Expiry time.Time
+	// ClientID is the client it was issued to (`client_id`, else `azp`).
+	ClientID string
+	// JTI is its `jti`, if any.
+	JTI string
+	// KeyID is the kid of the key that verified it.
+	KeyID string
+	// TokenHash is the hex SHA-256 of the raw token: what logs may carry.
+	TokenHash string
+	// Act is its prior `act` chain (nil when none).
+	Act map[string]any
+	// MayAct is its `may_act` claim (nil when none).
+	MayAct any
+	// ActDepth is the depth of Act.
+	ActDepth int
+
+	token jwt.Token
+}
+
+// Claim returns one of the subject token's claims.
+func (s *Subject) Claim(name string) (any, bool) {
+	var v any
+	if err := s.token.Get(name, &v); err != nil {
+		return nil, false
+	}
+	return v, true
+}
+
+// jwsHeader is the part of a JOSE header we decide on before any crypto.
+type jwsHeader struct {
+	Alg  string          `json:"alg"`
+	Kid  string          `json:"kid"`
+	Typ  string          `json:"typ"`
+	Crit json.RawMessage `json:"crit"`
+	B64  json.RawMessage `json:"b64"`
+}
+
+// HashToken returns the hex SHA-256 of a raw token, the only form of a token
+// that may appear in logs.
+func HashToken(raw string) string {
+	sum := sha256.Sum256([]byte(raw))
+	return hex.EncodeToString(sum[:])
+}
+
+// VerifyOptions tune one verification.
+type VerifyOptions struct {
+	// TokenType is the short name the token is presented as (default access_token).
+	TokenType string
+	// MaxActDepth bounds the subject's act chain (default DefaultMaxActDepth).
+	MaxActDepth int
+}
+
+// Verify checks an inbound token and returns its subject. The order is
+// deliberate: size, shape and header first (no crypto), then the issuer by
+// `iss`, then the key by issuer + kid + the issuer's algorithm allow-list,
+// then the signature, and only then the claims.
+func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions) (*Subject, error) {
+	if opts.TokenType == "" {
+		opts.TokenType = defaultInboundTokenType
+	}
+	if opts.MaxActDepth <= 0 {
+		opts.MaxActDepth = DefaultMaxActDepth
+	}
+	if len(raw) > ts.maxTokenSize {
+		return nil, invalidToken("too_large", "token exceeds %d bytes", ts.maxTokenSize)
+	}
+	switch strings.Count(raw, ".") {
+	case 2:
+	case 4:
+		return nil, invalidToken("malformed", "encrypted tokens (JWE) are not accepted")
+	default:
+		return nil, invalidToken("malformed", "token is not a compact JWS (header.payload.signature)")
+	}
+	h64, rest, _ := strings.Cut(raw, ".")
+	p64, s64, _ := strings.Cut(rest, ".")
+	if h64 == "" || p64 == "" || s64 == "" {
+		return nil, invalidToken("malformed", "token has an empty segment")
+	}
+
+	var hdr jwsHeader
+	if err := decodeSegment(h64, &hdr); err != nil {
+		return nil, invalidToken("malformed", "token header is not valid base64url JSON")
+	}
+	if hdr.Crit != nil {
+		return nil, invalidToken("malformed", "token header carries crit extensions, which are not supported")
+	}
+	if hdr.B64 != nil {
+		return nil, invalidToken("malformed", "token header carries b64, which is not supported")
+	}
+	if hdr.Alg == "" || CheckVerifyAlgorithm(hdr.Alg) != nil {
+		return nil, invalidToken("bad_algorithm", "token algorithm is not accepted")
+	}
+
+	payload, err := base64.RawURLEncoding.Strict().DecodeString(p64)
+	if err != nil {
+		return nil, invalidToken("malformed", "token payload is not valid base64url")
+	}
+	tok := jwt.New()
+	if err := json.Unmarshal(payload, tok); err != nil {
+		return nil, invalidToken("malformed", "token payload is not a valid JSON claims set")
+	}
+
+	iss, _ := tok.Issuer()
+	ti, ok := ts.issuers[iss]
+	if !ok {
+		return nil, invalidToken("untrusted_issuer", "token issuer is not trusted")
+	}
+	if !slices.Contains(ti.tokenTypes, opts.TokenType) {
+		return nil, invalidToken("token_type", "issuer's tokens may not be presented as %s", opts.TokenType)
+	}
+	if !ti.algorithmAllowed(hdr.Alg) {
+		return nil, invalidToken("bad_algorithm", "algorithm %s is not allowed for this issuer", hdr.Alg)
+	}
+	now := ts.now()
+	key, ok := ti.keyFor(ctx, hdr.Kid, hdr.Alg, now)
+	if !ok {
+		return nil, invalidToken("unknown_key", "no key of the issuer matches the token's kid and algorithm")
+	}
+	alg, _ := jwa.LookupSignatureAlgorithm(hdr.Alg)
+	if _, err := jws.VerifyCompactFast(key, []byte(raw), alg); err != nil {
+		return nil, invalidToken("bad_signature", "token signature does not verify")
+	}
+
+	err = jwt.Validate(tok,
+		jwt.WithClock(jwt.ClockFunc(func() time.Time { return now })),
+		jwt.WithAcceptableSkew(ts.clockSkew),
+		jwt.WithRequiredClaim(jwt.ExpirationKey),
+		jwt.WithTruncation(time.Second),
+	)
+	if err != nil {
+		return nil, claimError(err)
+	}
+	aud, _ := tok.Audience()
+	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(ti.cfg.Audiences, a) }) {
+		return nil, invalidToken("wrong_audience", "token audience is not accepted here")
+	}
+	sub, _ := tok.Subject()
+	if sub == "" {
+		return nil, invalidToken("missing_sub", "token has no sub")
+	}
+
+	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, TokenHash: HashToken(raw), token: tok}
+	s.Expiry, _ = tok.Expiration()
+	s.JTI, _ = tok.JwtID()
+
+	if v, ok := s.Claim(ti.cfg.ScopeClaim); ok {
+		external, err := scopesFromClaim(v)
+		if err != nil {
+			return nil, invalidToken("bad_scope", "token %s claim is malformed", ti.cfg.ScopeClaim)
+		}
+		s.Scopes = ti.cfg.Scopes.Apply(external)
+	}
+	for _, name := range []string{"client_id", "azp"} {
+		if v, ok := s.Claim(name); ok {
+			if str, ok := v.(string); ok && str != "" {
+				s.ClientID = str
+				break
+			}
+		}
+	}
+	if v, ok := s.Claim("act"); ok {
+		depth, err := checkActChain(v, opts.MaxActDepth)
+		if err != nil {
+			return nil, invalidToken("bad_act", "token act claim refused: %v", err)
+		}
+		s.Act, _ = v.(map[string]any)
+		s.ActDepth = depth
+	}
+	if v, ok := s.Claim("may_act"); ok {
+		s.MayAct = v
+	}
+	return s, nil
+}
+
+func claimError(err error) *Error {
+	switch {
+	case errors.Is(err, jwt.TokenExpiredError()):
+		return invalidToken("expired", "token is expired")
+	case errors.Is(err, jwt.TokenNotYetValidError()):
+		return invalidToken("not_yet_valid", "token is not valid yet (nbf)")
+	case errors.Is(err, jwt.InvalidIssuedAtError()):
+		return invalidToken("bad_iat", "token was issued in the future (iat)")
+	case errors.Is(err, jwt.MissingRequiredClaimError()):
+		return invalidToken("missing_exp", "token has no exp")
+	default:
+		return invalidToken("invalid_claims", "token claims are invalid")
+	}
+}
+
+// decodeSegment decodes one base64url JWS segment holding a JSON object.
+func decodeSegment(seg string, dst any) error {
+	b, err := base64.RawURLEncoding.Strict().DecodeString(seg)
+	if err != nil {
+		return err
+	}
+	if !bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{")) {
+		return errors.New("not a JSON object")
+	}
+	return json.Unmarshal(b, dst)
+}
