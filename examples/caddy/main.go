@@ -10,6 +10,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	_ "github.com/caddy-token-exchange/caddy-token-exchange/caddymodule"
+	_ "github.com/caddy-token-exchange/caddy-token-exchange/examples/upstream"
 )
 
 func main() {
