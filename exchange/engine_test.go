@@ -15,10 +15,12 @@ import (
 
 	"github.com/caddyserver/certmagic"
 	"github.com/lestrrat-go/jwx/v3/jwk"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
 )
 
 type engineFixture struct {
-	idp    *testIssuer
+	idp    *testidp.Issuer
 	kid    string
 	engine *Engine
 	signer *Signer
@@ -27,8 +29,8 @@ type engineFixture struct {
 func newEngineFixture(t *testing.T, signingAlg string) *engineFixture {
 	t.Helper()
 	idp := newTestIssuer(t, "https://idp.test")
-	kid := idp.addKey("k", "ES256")
-	ts := newTestTrust(t, idp.config("ES256"))
+	kid := idp.AddKey("k", "ES256")
+	ts := newTestTrust(t, issuerConfig(idp, "ES256"))
 	key, err := GenerateSigningKey(signingAlg)
 	if err != nil {
 		t.Fatal(err)
@@ -48,7 +50,7 @@ func TestExchangeMintsDelegatedToken(t *testing.T) {
 	for _, alg := range SigningAlgorithms {
 		t.Run(alg, func(t *testing.T) {
 			f := newEngineFixture(t, alg)
-			inbound := f.idp.token(f.kid, claims{
+			inbound := f.idp.Token(f.kid, claims{
 				"scope": "orders.read profile", "client_id": "web-app", "email": "alice@example.com",
 				"act": map[string]any{"sub": "upstream-service"},
 			})
@@ -102,7 +104,7 @@ func TestExchangeMintsDelegatedToken(t *testing.T) {
 func TestExchangeExpiryNeverPastSubject(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
 	subjectExp := time.Now().Add(90 * time.Second).Truncate(time.Second)
-	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.token(f.kid, claims{"exp": subjectExp.Unix()}), &Grant{Audiences: []string{"x"}})
+	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"exp": subjectExp.Unix()}), &Grant{Audiences: []string{"x"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -113,7 +115,7 @@ func TestExchangeExpiryNeverPastSubject(t *testing.T) {
 
 func TestExchangeJTIsAreUnique(t *testing.T) {
 	f := newEngineFixture(t, "EdDSA")
-	tok := f.idp.token(f.kid, nil)
+	tok := f.idp.Token(f.kid, nil)
 	seen := map[string]bool{}
 	for i := 0; i < 100; i++ {
 		m, err := f.engine.ExchangeBearer(context.Background(), tok, &Grant{Audiences: []string{"x"}})
@@ -150,7 +152,7 @@ func TestExchangeScopePolicy(t *testing.T) {
 			if tc.subjectScope != nil {
 				c["scope"] = tc.subjectScope
 			}
-			m, err := f.engine.ExchangeBearer(context.Background(), f.idp.token(f.kid, c),
+			m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, c),
 				&Grant{Audiences: []string{"x"}, Scopes: tc.route, RequireScopes: tc.require})
 			if tc.wantKind != 0 {
 				if e := AsError(err); e.Kind != tc.wantKind {
@@ -189,7 +191,7 @@ func TestExchangeMayAct(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := f.engine.ExchangeBearer(context.Background(), f.idp.token(f.kid, claims{"may_act": tc.mayAct}), &Grant{Audiences: []string{"x"}})
+			_, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"may_act": tc.mayAct}), &Grant{Audiences: []string{"x"}})
 			if tc.ok && err != nil {
 				t.Fatalf("refused: %v", err)
 			}
@@ -204,7 +206,7 @@ func TestExchangeMayAct(t *testing.T) {
 
 func TestExchangeImpersonationHasNoAct(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
-	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.token(f.kid, nil), &Grant{Audiences: []string{"x"}, Impersonate: true})
+	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, nil), &Grant{Audiences: []string{"x"}, Impersonate: true})
 	if err != nil {
 		t.Fatal(err)
 	}

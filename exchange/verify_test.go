@@ -3,8 +3,8 @@ package exchange
 import (
 	"context"
 	"crypto"
-	"crypto/rand"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
@@ -16,15 +16,17 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
 )
 
 func TestVerifyAcceptsEachAlgorithm(t *testing.T) {
 	for _, alg := range []string{"RS256", "PS256", "ES256", "ES384", "EdDSA"} {
 		t.Run(alg, func(t *testing.T) {
 			idp := newTestIssuer(t, "https://idp.test")
-			kid := idp.addKey("k-"+alg, alg)
-			ts := newTestTrust(t, idp.config(alg))
-			s, err := ts.Verify(context.Background(), idp.token(kid, claims{"scope": "a b", "client_id": "web"}), VerifyOptions{})
+			kid := idp.AddKey("k-"+alg, alg)
+			ts := newTestTrust(t, issuerConfig(idp, alg))
+			s, err := ts.Verify(context.Background(), idp.Token(kid, claims{"scope": "a b", "client_id": "web"}), VerifyOptions{})
 			if err != nil {
 				t.Fatalf("Verify: %v", err)
 			}
@@ -43,14 +45,14 @@ func TestVerifyAcceptsEachAlgorithm(t *testing.T) {
 
 func TestVerifyRefuses(t *testing.T) {
 	idp := newTestIssuer(t, "https://idp.test")
-	rsaKid := idp.addKey("rsa", "RS256")
-	ecKid := idp.addKey("ec", "ES256")
+	rsaKid := idp.AddKey("rsa", "RS256")
+	ecKid := idp.AddKey("ec", "ES256")
 	other := newTestIssuer(t, "https://evil.test")
-	otherKid := other.addKey("rsa", "RS256") // same kid, other key
-	cfg := idp.config("RS256", "ES256")
+	otherKid := other.AddKey("rsa", "RS256") // same kid, other key
+	cfg := issuerConfig(idp, "RS256", "ES256")
 	ts := newTestTrust(t, cfg)
 
-	rsaPub := idp.keys[rsaKid].priv.Public().(*rsa.PublicKey)
+	rsaPub := idp.PrivateKey(rsaKid).Public().(*rsa.PublicKey)
 	pubDER, _ := x509.MarshalPKIXPublicKey(rsaPub)
 	pubPEM := pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER})
 	now := time.Now()
@@ -58,7 +60,7 @@ func TestVerifyRefuses(t *testing.T) {
 	hmacWith := func(key []byte) func([]byte) []byte {
 		return func(in []byte) []byte { m := hmac.New(sha256.New, key); m.Write(in); return m.Sum(nil) }
 	}
-	valid := idp.token(rsaKid, nil)
+	valid := idp.Token(rsaKid, nil)
 	parts := strings.Split(valid, ".")
 
 	cases := []struct {
@@ -73,21 +75,21 @@ func TestVerifyRefuses(t *testing.T) {
 		{"algorithm not on the issuer's list", idpTokenWithAlg(t, "PS256", validPayload), "bad_algorithm"},
 		{"alg does not fit the kid's key type", rawToken(map[string]any{"alg": "ES256", "kid": rsaKid}, validPayload, func(in []byte) []byte { return make([]byte, 64) }), "unknown_key"},
 		{"psychic signature r=s=0", rawToken(map[string]any{"alg": "ES256", "kid": ecKid}, validPayload, func(in []byte) []byte { return make([]byte, 64) }), "bad_signature"},
-		{"signed by another issuer's key", other.token(otherKid, claims{"iss": "https://idp.test"}), "bad_signature"},
+		{"signed by another issuer's key", other.Token(otherKid, claims{"iss": "https://idp.test"}), "bad_signature"},
 		{"tampered payload", parts[0] + "." + b64([]byte(`{"iss":"https://idp.test","sub":"mallory","aud":"https://gateway.test","exp":9999999999}`)) + "." + parts[2], "bad_signature"},
-		{"wrong issuer", other.token(otherKid, nil), "untrusted_issuer"},
-		{"wrong audience", idp.token(rsaKid, claims{"aud": "https://other.test"}), "wrong_audience"},
-		{"no audience", idp.token(rsaKid, claims{"aud": nil}), "wrong_audience"},
-		{"expired", idp.token(rsaKid, claims{"exp": now.Add(-time.Minute).Unix()}), "expired"},
-		{"expired within skew is fine, past it is not", idp.token(rsaKid, claims{"exp": now.Add(-31 * time.Second).Unix()}), "expired"},
-		{"no exp", idp.token(rsaKid, claims{"exp": nil}), "missing_exp"},
-		{"nbf in the future", idp.token(rsaKid, claims{"nbf": now.Add(time.Minute).Unix()}), "not_yet_valid"},
-		{"iat in the future", idp.token(rsaKid, claims{"iat": now.Add(time.Minute).Unix()}), "bad_iat"},
-		{"no sub", idp.token(rsaKid, claims{"sub": nil}), "missing_sub"},
-		{"empty sub", idp.token(rsaKid, claims{"sub": ""}), "missing_sub"},
-		{"scope of the wrong type", idp.token(rsaKid, claims{"scope": 42}), "bad_scope"},
-		{"act not an object", idp.token(rsaKid, claims{"act": "gateway"}), "bad_act"},
-		{"act too deep", idp.token(rsaKid, claims{"act": nestedAct(6)}), "bad_act"},
+		{"wrong issuer", other.Token(otherKid, nil), "untrusted_issuer"},
+		{"wrong audience", idp.Token(rsaKid, claims{"aud": "https://other.test"}), "wrong_audience"},
+		{"no audience", idp.Token(rsaKid, claims{"aud": nil}), "wrong_audience"},
+		{"expired", idp.Token(rsaKid, claims{"exp": now.Add(-time.Minute).Unix()}), "expired"},
+		{"expired within skew is fine, past it is not", idp.Token(rsaKid, claims{"exp": now.Add(-31 * time.Second).Unix()}), "expired"},
+		{"no exp", idp.Token(rsaKid, claims{"exp": nil}), "missing_exp"},
+		{"nbf in the future", idp.Token(rsaKid, claims{"nbf": now.Add(time.Minute).Unix()}), "not_yet_valid"},
+		{"iat in the future", idp.Token(rsaKid, claims{"iat": now.Add(time.Minute).Unix()}), "bad_iat"},
+		{"no sub", idp.Token(rsaKid, claims{"sub": nil}), "missing_sub"},
+		{"empty sub", idp.Token(rsaKid, claims{"sub": ""}), "missing_sub"},
+		{"scope of the wrong type", idp.Token(rsaKid, claims{"scope": 42}), "bad_scope"},
+		{"act not an object", idp.Token(rsaKid, claims{"act": "gateway"}), "bad_act"},
+		{"act too deep", idp.Token(rsaKid, claims{"act": nestedAct(6)}), "bad_act"},
 		{"unknown kid", rawToken(map[string]any{"alg": "RS256", "kid": "nope"}, validPayload, func(in []byte) []byte { return make([]byte, 256) }), "unknown_key"},
 		{"JWE", "a.b.c.d.e", "malformed"},
 		{"two segments", "a.b", "malformed"},
@@ -119,9 +121,9 @@ func TestVerifyRefuses(t *testing.T) {
 
 func TestVerifyAcceptsExpiryWithinSkew(t *testing.T) {
 	idp := newTestIssuer(t, "https://idp.test")
-	kid := idp.addKey("k", "ES256")
-	ts := newTestTrust(t, idp.config("ES256"))
-	_, err := ts.Verify(context.Background(), idp.token(kid, claims{"exp": time.Now().Add(-10 * time.Second).Unix()}), VerifyOptions{})
+	kid := idp.AddKey("k", "ES256")
+	ts := newTestTrust(t, issuerConfig(idp, "ES256"))
+	_, err := ts.Verify(context.Background(), idp.Token(kid, claims{"exp": time.Now().Add(-10 * time.Second).Unix()}), VerifyOptions{})
 	if err != nil {
 		t.Fatalf("a token expired 10s ago is within the 30s skew: %v", err)
 	}
@@ -129,7 +131,7 @@ func TestVerifyAcceptsExpiryWithinSkew(t *testing.T) {
 
 // idpTokenWithAlg signs with a fresh key under an algorithm the issuer does not allow.
 func idpTokenWithAlg(t *testing.T, alg string, payload map[string]any) string {
-	k := generateTestKey(t, alg)
+	k := testidp.GenerateKey(t, alg)
 	return rawToken(map[string]any{"alg": alg, "kid": "rsa"}, payload, func(in []byte) []byte {
 		h := sha256.Sum256(in)
 		sig, err := k.Sign(rand.Reader, h[:], &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: crypto.SHA256})
@@ -154,16 +156,16 @@ func nestedAct(depth int) map[string]any {
 
 func TestUnknownKidRefetchIsThrottled(t *testing.T) {
 	idp := newTestIssuer(t, "https://idp.test")
-	idp.addKey("old", "ES256")
-	cfg := idp.config("ES256")
+	idp.AddKey("old", "ES256")
+	cfg := issuerConfig(idp, "ES256")
 	cfg.RefetchInterval = time.Hour
 	ts := newTestTrust(t, cfg)
 	ctx := context.Background()
 
 	// A rotated key arrives: the first token with its kid triggers one refetch.
-	idp.addHiddenKey("new", "ES256")
-	tok := idp.token("new", nil)
-	idp.publish("new")
+	idp.AddHiddenKey("new", "ES256")
+	tok := idp.Token("new", nil)
+	idp.Publish("new")
 	if _, err := ts.Verify(ctx, tok, VerifyOptions{}); err != nil {
 		t.Fatalf("token with the rotated key: %v", err)
 	}
@@ -188,15 +190,15 @@ func TestUnknownKidRefetchIsThrottled(t *testing.T) {
 
 func TestIssuerDownAtStartFailsClosedThenRecovers(t *testing.T) {
 	idp := newTestIssuer(t, "https://idp.test")
-	kid := idp.addKey("k", "ES256")
-	url := idp.jwksURL()
-	idp.server.Close() // down at start-up
+	kid := idp.AddKey("k", "ES256")
+	url := idp.JWKSURL()
+	idp.Server.Close() // down at start-up
 
-	cfg := idp.config("ES256")
+	cfg := issuerConfig(idp, "ES256")
 	cfg.JWKSURL = url
 	cfg.RefetchInterval = time.Millisecond
 	ts := newTestTrust(t, cfg)
-	tok := idp.token(kid, nil)
+	tok := idp.Token(kid, nil)
 	_, err := ts.Verify(context.Background(), tok, VerifyOptions{})
 	if e := AsError(err); e.Kind != KindInvalidToken || e.Reason != "unknown_key" {
 		t.Fatalf("with the JWKS down, want unknown_key, got %v", err)
@@ -205,18 +207,18 @@ func TestIssuerDownAtStartFailsClosedThenRecovers(t *testing.T) {
 
 func TestJWKSFileIssuer(t *testing.T) {
 	idp := newTestIssuer(t, "https://idp.test")
-	kid := idp.addKey("k", "EdDSA")
+	kid := idp.AddKey("k", "EdDSA")
 	path := filepath.Join(t.TempDir(), "jwks.json")
-	if err := os.WriteFile(path, idp.jwks(), 0o600); err != nil {
+	if err := os.WriteFile(path, idp.JWKS(), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := idp.config("EdDSA")
+	cfg := issuerConfig(idp, "EdDSA")
 	cfg.JWKSURL, cfg.JWKSFile = "", path
 	ts := newTestTrust(t, cfg)
-	if _, err := ts.Verify(context.Background(), idp.token(kid, nil), VerifyOptions{}); err != nil {
+	if _, err := ts.Verify(context.Background(), idp.Token(kid, nil), VerifyOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if idp.fetches.Load() != 0 {
+	if idp.Fetches.Load() != 0 {
 		t.Fatal("a jwks_file issuer fetched over HTTP")
 	}
 }
@@ -248,12 +250,12 @@ func TestTrustConfigErrors(t *testing.T) {
 
 func TestScpArrayClaimAndScopeMapping(t *testing.T) {
 	idp := newTestIssuer(t, "https://idp.test")
-	kid := idp.addKey("k", "ES256")
-	cfg := idp.config("ES256")
+	kid := idp.AddKey("k", "ES256")
+	cfg := issuerConfig(idp, "ES256")
 	cfg.ScopeClaim = "scp"
 	cfg.Scopes = ScopeMap{Map: map[string][]string{"read:calendar": {"calendar.events.read"}}}
 	ts := newTestTrust(t, cfg)
-	s, err := ts.Verify(context.Background(), idp.token(kid, claims{"scp": []string{"read:calendar", "unmapped"}}), VerifyOptions{})
+	s, err := ts.Verify(context.Background(), idp.Token(kid, claims{"scp": []string{"read:calendar", "unmapped"}}), VerifyOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
