@@ -22,7 +22,7 @@ var (
 )
 
 // newTestTrust builds a trust store for issuers, with the gateway audience.
-func newTestTrust(t *testing.T, issuers ...IssuerConfig) *TrustStore {
+func newTestTrust(t testing.TB, issuers ...IssuerConfig) *TrustStore {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	ts, err := NewTrustStore(ctx, TrustConfig{Issuers: issuers})

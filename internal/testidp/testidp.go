@@ -29,7 +29,7 @@ import (
 type Issuer struct {
 	// Audience is the default aud of tokens it mints.
 	Audience string
-	t        *testing.T
+	t        testing.TB
 	Iss      string
 	mu       sync.Mutex
 	keys     map[string]testKey // kid -> key
@@ -44,7 +44,7 @@ type testKey struct {
 }
 
 // New starts an identity provider for iss whose JWKS is served over HTTP.
-func New(t *testing.T, iss string) *Issuer {
+func New(t testing.TB, iss string) *Issuer {
 	t.Helper()
 	ti := &Issuer{t: t, Iss: iss, Audience: "https://gateway.test", keys: map[string]testKey{}}
 	ti.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -98,7 +98,7 @@ func (ti *Issuer) JWKS() []byte {
 	return b
 }
 
-func GenerateKey(t *testing.T, alg string) crypto.Signer {
+func GenerateKey(t testing.TB, alg string) crypto.Signer {
 	t.Helper()
 	var k crypto.Signer
 	var err error

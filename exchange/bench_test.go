@@ -1,0 +1,153 @@
+package exchange
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"testing"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
+)
+
+// Benchmarks for the exchange hot path. Compare each against the raw crypto
+// floor measured in the same run (BenchmarkCryptoFloor):
+//
+//	go test -run '^$' -bench . -benchmem ./exchange/
+
+func benchEngine(b *testing.B, inboundAlg, signingAlg string) (*Engine, string) {
+	b.Helper()
+	idp := testidp.New(b, "https://idp.test")
+	kid := idp.AddKey("k", inboundAlg)
+	ts := newTestTrust(b, issuerConfig(idp, inboundAlg))
+	key, err := GenerateSigningKey(signingAlg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	signer, err := NewSigner(key, signingAlg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	e, err := NewEngine(EngineConfig{Issuer: "https://gateway.test"}, ts, signer)
+	if err != nil {
+		b.Fatal(err)
+	}
+	tok := idp.Token(kid, testidp.Claims{"scope": "orders.read profile", "client_id": "web", "email": "a@example.com"})
+	return e, tok
+}
+
+var benchGrant = &Grant{Audiences: []string{"https://orders.internal"}, Scopes: []string{"orders.read", "orders.write"}, Claims: []string{"email"}}
+
+func BenchmarkVerify(b *testing.B) {
+	for _, alg := range []string{"RS256", "ES256", "EdDSA"} {
+		b.Run(alg, func(b *testing.B) {
+			e, tok := benchEngine(b, alg, "ES256")
+			ctx := context.Background()
+			if _, err := e.Verify(ctx, tok, "access_token"); err != nil { // warm the JWKS
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := e.Verify(ctx, tok, "access_token"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func BenchmarkMint(b *testing.B) {
+	for _, alg := range SigningAlgorithms {
+		b.Run(alg, func(b *testing.B) {
+			e, tok := benchEngine(b, "ES256", alg)
+			subject, err := e.Verify(context.Background(), tok, "access_token")
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := e.Exchange(subject, e.Actor(), benchGrant); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkExchangeBearer is validate + policy + mint, per inbound and
+// signing algorithm: the full cost of one in-process exchange.
+func BenchmarkExchangeBearer(b *testing.B) {
+	for _, pair := range [][2]string{{"RS256", "ES256"}, {"ES256", "ES256"}, {"EdDSA", "EdDSA"}, {"RS256", "RS256"}, {"ES256", "ES384"}, {"ES256", "PS256"}} {
+		b.Run("in="+pair[0]+"/out="+pair[1], func(b *testing.B) {
+			e, tok := benchEngine(b, pair[0], pair[1])
+			ctx := context.Background()
+			if _, err := e.ExchangeBearer(ctx, tok, benchGrant); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := e.ExchangeBearer(ctx, tok, benchGrant); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkCryptoFloor is the raw crypto/* cost of one verify plus one sign,
+// with no JOSE, JSON or policy: the floor an exchange cannot go below.
+func BenchmarkCryptoFloor(b *testing.B) {
+	for _, pair := range [][2]string{{"RS256", "ES256"}, {"ES256", "ES256"}, {"EdDSA", "EdDSA"}, {"RS256", "RS256"}} {
+		b.Run("in="+pair[0]+"/out="+pair[1], func(b *testing.B) {
+			verifyKey := testidp.GenerateKey(b, pair[0])
+			signKey := testidp.GenerateKey(b, pair[1])
+			msg := make([]byte, 600) // about the size of a signing input
+			_, _ = rand.Read(msg)
+			sig := signWith(b, verifyKey, pair[0], msg)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				if !verifyWith(verifyKey.Public(), pair[0], msg, sig) {
+					b.Fatal("verify failed")
+				}
+				signWith(b, signKey, pair[1], msg)
+			}
+		})
+	}
+}
+
+func signWith(b *testing.B, k crypto.Signer, alg string, msg []byte) []byte {
+	var opts crypto.SignerOpts = crypto.SHA256
+	digest := msg
+	if alg != "EdDSA" {
+		h := sha256.Sum256(msg)
+		digest = h[:]
+	} else {
+		opts = crypto.Hash(0)
+	}
+	sig, err := k.Sign(rand.Reader, digest, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return sig
+}
+
+func verifyWith(pub crypto.PublicKey, alg string, msg, sig []byte) bool {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		h := sha256.Sum256(msg)
+		return rsa.VerifyPKCS1v15(k, crypto.SHA256, h[:], sig) == nil
+	case *ecdsa.PublicKey:
+		h := sha256.Sum256(msg)
+		return ecdsa.VerifyASN1(k, h[:], sig)
+	case ed25519.PublicKey:
+		return ed25519.Verify(k, msg, sig)
+	}
+	return false
+}
