@@ -86,6 +86,11 @@ type TrustedIssuer struct {
 	// TokenTypes are what its tokens may be presented as
 	// (access_token, jwt, id_token, ...). Default: access_token jwt.
 	TokenTypes []string `json:"token_types,omitempty"`
+	// ClientIDs are the audiences accepted on its ID tokens (needed for
+	// the id_token token type).
+	ClientIDs []string `json:"client_ids,omitempty"`
+	// Typ, when set, is the JOSE typ header its tokens must carry (e.g. at+jwt).
+	Typ string `json:"typ,omitempty"`
 	// ScopeClaim is `scope` (default, space-delimited) or `scp` (array).
 	ScopeClaim string `json:"scope_claim,omitempty"`
 	// ScopeMap maps an external scope to internal scopes.
@@ -141,6 +146,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 			Audiences:       t.Audiences,
 			Algorithms:      t.Algorithms,
 			TokenTypes:      t.TokenTypes,
+			ClientIDs:       t.ClientIDs,
+			RequiredTyp:     t.Typ,
 			ScopeClaim:      t.ScopeClaim,
 			Scopes:          exchange.ScopeMap{Map: t.ScopeMap, PassUnmapped: t.PassUnmappedScopes},
 			RefetchInterval: time.Duration(t.RefetchInterval),

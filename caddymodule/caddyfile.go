@@ -39,6 +39,8 @@ func init() {
 //	        audience <aud...>
 //	        algorithms <alg...>
 //	        token_types <type...>
+//	        client_ids <client_id...>
+//	        typ <typ>
 //	        scope_claim scope|scp
 //	        map_scope <external> <internal...>
 //	        pass_unmapped_scopes
@@ -155,6 +157,10 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 					}
 				}
 			}
+		case "client_ids":
+			err = appendArgs(d, &t.ClientIDs)
+		case "typ":
+			err = oneArg(d, &t.Typ)
 		case "scope_claim":
 			if err = oneArg(d, &t.ScopeClaim); err == nil && t.ScopeClaim != "scope" && t.ScopeClaim != "scp" {
 				return d.Errf("trust %s: scope_claim must be scope or scp", t.Issuer)

@@ -80,6 +80,11 @@ type IssuerConfig struct {
 	// TokenTypes are the short names (access_token, jwt, id_token, ...) of
 	// what this issuer's tokens may be presented as. Default: access_token, jwt.
 	TokenTypes []string
+	// ClientIDs are the audiences accepted on this issuer's ID tokens
+	// (token type id_token); without them ID tokens are refused.
+	ClientIDs []string
+	// RequiredTyp, when set, is the JOSE typ its tokens must carry (e.g. at+jwt).
+	RequiredTyp string
 	// ScopeClaim is `scope` (space-delimited string, default) or `scp` (array).
 	ScopeClaim string
 	// Scopes maps the issuer's scopes to ours.
@@ -255,6 +260,16 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 	for _, tt := range ic.TokenTypes {
 		if _, ok := tokenTypeURNs[tt]; !ok {
 			return fmt.Errorf("unknown token type %q", tt)
+		}
+		switch tt {
+		case "refresh_token":
+			return errors.New("refresh_token cannot be a trusted token type: refresh tokens are never accepted")
+		case "saml1", "saml2":
+			return fmt.Errorf("token type %s is not supported: only JWTs are verified", tt)
+		case "id_token":
+			if len(ic.ClientIDs) == 0 {
+				return errors.New("token type id_token needs client_ids: the audiences its ID tokens are issued to")
+			}
 		}
 	}
 	switch ic.ScopeClaim {

@@ -45,6 +45,18 @@ type Subject struct {
 	token jwt.Token
 }
 
+// Claims returns all of the subject token's claims as plain JSON values.
+func (s *Subject) Claims() map[string]any {
+	keys := s.token.Keys()
+	m := make(map[string]any, len(keys))
+	for _, k := range keys {
+		if v, ok := s.Claim(k); ok {
+			m[k] = v
+		}
+	}
+	return m
+}
+
 // Claim returns one of the subject token's claims.
 func (s *Subject) Claim(name string) (any, bool) {
 	var v any
@@ -123,6 +135,9 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if err != nil {
 		return nil, invalidToken("malformed", "token payload is not valid base64url")
 	}
+	if err := checkStrictJSON(payload); err != nil {
+		return nil, invalidToken("malformed", "token payload is not strict JSON: %v", err)
+	}
 	tok := jwt.New()
 	if err := json.Unmarshal(payload, tok); err != nil {
 		return nil, invalidToken("malformed", "token payload is not a valid JSON claims set")
@@ -138,6 +153,12 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	}
 	if !ti.algorithmAllowed(hdr.Alg) {
 		return nil, invalidToken("bad_algorithm", "algorithm %s is not allowed for this issuer", hdr.Alg)
+	}
+	if ti.cfg.RequiredTyp != "" && !typMatches(hdr.Typ, ti.cfg.RequiredTyp) {
+		return nil, invalidToken("token_type", "token typ header is not %s", ti.cfg.RequiredTyp)
+	}
+	if err := checkTokenKind(tok, opts.TokenType); err != nil {
+		return nil, err
 	}
 	now := ts.now()
 	key, ok := ti.keyFor(ctx, hdr.Kid, hdr.Alg, now)
@@ -158,8 +179,15 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if err != nil {
 		return nil, claimError(err)
 	}
+	// An ID token is addressed to a client (RFC 7519 / OIDC Core §2): its aud
+	// is checked against the issuer's client ids, everything else against
+	// the gateway's audiences.
+	accepted := ti.cfg.Audiences
+	if opts.TokenType == "id_token" {
+		accepted = ti.cfg.ClientIDs
+	}
 	aud, _ := tok.Audience()
-	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(ti.cfg.Audiences, a) }) {
+	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(accepted, a) }) {
 		return nil, invalidToken("wrong_audience", "token audience is not accepted here")
 	}
 	sub, _ := tok.Subject()
@@ -200,6 +228,36 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	return s, nil
 }
 
+// typMatches compares a JOSE typ with an expected media type, ignoring case
+// and an "application/" prefix (RFC 7515 §4.1.9).
+func typMatches(typ, want string) bool {
+	norm := func(s string) string {
+		s = strings.ToLower(s)
+		return strings.TrimPrefix(s, "application/")
+	}
+	return typ != "" && norm(typ) == norm(want)
+}
+
+// checkTokenKind refuses tokens whose own claims say they are not what they
+// are presented as: a refresh token is never accepted, and an ID token
+// (at_hash, c_hash or nonce: claims only ID tokens carry) is not an access token.
+func checkTokenKind(tok jwt.Token, presentedAs string) *Error {
+	for _, name := range []string{"typ", "token_use", "token_type"} {
+		var v string
+		if tok.Get(name, &v) == nil && strings.Contains(strings.ToLower(v), "refresh") {
+			return invalidToken("token_type", "refresh tokens are not accepted")
+		}
+	}
+	if presentedAs == "access_token" {
+		for _, name := range []string{"at_hash", "c_hash", "nonce"} {
+			if tok.Has(name) {
+				return invalidToken("token_type", "an ID token is not an access token")
+			}
+		}
+	}
+	return nil
+}
+
 func claimError(err error) *Error {
 	switch {
 	case errors.Is(err, jwt.TokenExpiredError()):
@@ -223,6 +281,9 @@ func decodeSegment(seg string, dst any) error {
 	}
 	if !bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{")) {
 		return errors.New("not a JSON object")
+	}
+	if err := checkStrictJSON(b); err != nil {
+		return err
 	}
 	return json.Unmarshal(b, dst)
 }

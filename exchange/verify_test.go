@@ -263,3 +263,82 @@ func TestScpArrayClaimAndScopeMapping(t *testing.T) {
 		t.Fatalf("mapped scopes = %q, want calendar.events.read (unmapped dropped)", got)
 	}
 }
+
+func TestVerifyTokenKindRules(t *testing.T) {
+	idp := newTestIssuer(t, "https://idp.test")
+	kid := idp.AddKey("k", "ES256")
+	cfg := issuerConfig(idp, "ES256")
+	cfg.TokenTypes = []string{"access_token", "id_token"}
+	cfg.ClientIDs = []string{"web-app"}
+	ts := newTestTrust(t, cfg)
+	ctx := context.Background()
+
+	cases := []struct {
+		name   string
+		token  string
+		as     string
+		reason string // "" means accepted
+	}{
+		{"access token", idp.Token(kid, nil), "access_token", ""},
+		{"ID token as access token", idp.Token(kid, claims{"nonce": "n", "at_hash": "x"}), "access_token", "token_type"},
+		{"refresh token (typ claim)", idp.Token(kid, claims{"typ": "Refresh"}), "access_token", "token_type"},
+		{"refresh token (token_use)", idp.Token(kid, claims{"token_use": "refresh"}), "access_token", "token_type"},
+		{"ID token for its client", idp.Token(kid, claims{"aud": "web-app", "nonce": "n"}), "id_token", ""},
+		{"ID token for another client", idp.Token(kid, claims{"aud": "other-app"}), "id_token", "wrong_audience"},
+		{"token type the issuer may not present", idp.Token(kid, nil), "jwt", "token_type"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ts.Verify(ctx, tc.token, VerifyOptions{TokenType: tc.as})
+			if tc.reason == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if e := AsError(err); e.Reason != tc.reason {
+				t.Fatalf("err = %v, want reason %s", err, tc.reason)
+			}
+		})
+	}
+}
+
+func TestVerifyRequiredTyp(t *testing.T) {
+	idp := newTestIssuer(t, "https://idp.test")
+	kid := idp.AddKey("k", "ES256")
+	cfg := issuerConfig(idp, "ES256")
+	cfg.RequiredTyp = "at+jwt"
+	ts := newTestTrust(t, cfg)
+	// testidp signs without typ: refused.
+	if _, err := ts.Verify(context.Background(), idp.Token(kid, nil), VerifyOptions{}); AsError(err).Reason != "token_type" {
+		t.Fatalf("token without typ accepted or refused for the wrong reason: %v", err)
+	}
+	if !typMatches("application/AT+JWT", "at+jwt") || typMatches("JWT", "at+jwt") {
+		t.Fatal("typMatches")
+	}
+}
+
+func TestVerifyStrictJSON(t *testing.T) {
+	idp := newTestIssuer(t, "https://idp.test")
+	kid := idp.AddKey("k", "ES256")
+	ts := newTestTrust(t, issuerConfig(idp, "ES256"))
+	valid := idp.Token(kid, nil)
+	parts := strings.Split(valid, ".")
+	exp := time.Now().Add(time.Minute).Unix()
+	dup := fmt.Sprintf(`{"iss":"https://idp.test","sub":"alice","sub":"admin","aud":"https://gateway.test","exp":%d}`, exp)
+	nonUTF8 := fmt.Sprintf("{\"iss\":\"https://idp.test\",\"sub\":\"al\xffice\",\"aud\":\"https://gateway.test\",\"exp\":%d}", exp)
+	for name, tok := range map[string]string{
+		"duplicate claim":    parts[0] + "." + b64([]byte(dup)) + "." + parts[2],
+		"non-UTF-8 claim":    parts[0] + "." + b64([]byte(nonUTF8)) + "." + parts[2],
+		"duplicate header":   b64([]byte(`{"alg":"ES256","alg":"none"}`)) + "." + parts[1] + "." + parts[2],
+		"JWS JSON encoding":  `{"payload":"` + parts[1] + `","signatures":[{"protected":"` + parts[0] + `","signature":"` + parts[2] + `"}]}`,
+		"whitespace wrapped": " " + valid,
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err := ts.Verify(context.Background(), tok, VerifyOptions{})
+			if e := AsError(err); e.Kind != KindInvalidToken {
+				t.Fatalf("accepted or wrong kind: %v", err)
+			}
+		})
+	}
+}
