@@ -126,6 +126,9 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // starts the JWKS caches. Everything is checked here, not on the first request.
 func (a *App) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return fmt.Errorf("token_exchange: registering metrics: %w", err)
+	}
 	if a.Issuer == "" {
 		return errors.New("token_exchange: issuer is required")
 	}
@@ -159,6 +162,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 		MaxTokenSize: a.MaxTokenSize,
 		FetchTimeout: time.Duration(a.JWKSFetchTimeout),
 		Logger:       a.logger,
+		OnFetch: func(issuer string, err error) {
+			result := "ok"
+			if err != nil {
+				result = "error"
+			}
+			metrics.jwksFetches.WithLabelValues(issuer, result).Inc()
+		},
 	})
 	if err != nil {
 		return fmt.Errorf("token_exchange: %w", err)

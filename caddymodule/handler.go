@@ -3,7 +3,9 @@ package caddymodule
 import (
 	"fmt"
 	"net/http"
+	"runtime/debug"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -36,9 +38,10 @@ type Handler struct {
 	// Realm of the WWW-Authenticate challenge. Default: the request host.
 	Realm string `json:"realm,omitempty"`
 
-	engine *exchange.Engine
-	grant  exchange.Grant
-	logger *zap.Logger
+	engine     *exchange.Engine
+	grant      exchange.Grant
+	routeLabel string
+	logger     *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -64,6 +67,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Claims:        h.Claims,
 		Impersonate:   h.Mode == "impersonation",
 	}
+	// Metrics name a route by its first audience: configured, so bounded.
+	if len(h.Audiences) > 0 {
+		h.routeLabel = h.Audiences[0]
+	}
 	return nil
 }
 
@@ -87,7 +94,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ferr != nil {
 		return h.refuse(w, r, "", ferr)
 	}
-	minted, err := h.engine.ExchangeBearer(r.Context(), raw, &h.grant)
+	minted, err := h.exchange(r, raw)
 	if err != nil {
 		return h.refuse(w, r, raw, exchange.AsError(err))
 	}
@@ -112,6 +119,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	repl.Set("token_exchange.scope", scope)
 	repl.Set("token_exchange.jti", minted.JTI)
 
+	metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK).Inc()
 	h.logger.Info("token exchanged",
 		zap.String("sub", minted.Subject),
 		zap.Any("act", minted.ActChain),
@@ -122,6 +130,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		zap.String("subject_token_sha256", minted.SubjectTokenHash),
 		zap.Time("exp", minted.Expiry))
 	return next.ServeHTTP(w, r)
+}
+
+// exchange runs the engine, timing it, and turns a panic into a logged
+// server error: a bug must never become an open gate or a crash.
+func (h *Handler) exchange(r *http.Request, raw string) (minted *exchange.Minted, err error) {
+	start := time.Now()
+	defer func() {
+		if rec := recover(); rec != nil {
+			h.logger.Error("panic in token exchange", zap.Any("panic", rec), zap.ByteString("stack", debug.Stack()),
+				zap.String("subject_token_sha256", exchange.HashToken(raw)))
+			minted, err = nil, &exchange.Error{Kind: exchange.KindServer, Reason: "panic", Description: "internal error"}
+		}
+		metrics.duration.WithLabelValues(h.routeLabel).Observe(time.Since(start).Seconds())
+	}()
+	return h.engine.ExchangeBearer(r.Context(), raw, &h.grant)
 }
 
 // bearerToken extracts the RFC 6750 §2.1 bearer token. It accepts exactly
@@ -154,19 +177,22 @@ func bearerToken(r *http.Request) (string, *exchange.Error) {
 
 // refuse answers a failed exchange per RFC 6750 §3 and logs it without the token.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *exchange.Error) error {
-	status, code := http.StatusUnauthorized, ""
+	status, code, outcome := http.StatusUnauthorized, "", outcomeInvalidToken
 	switch e.Kind {
 	case exchange.KindMissingToken:
 		// RFC 6750 §3.1: no error code when the request carried no credentials.
 	case exchange.KindInvalidRequest:
 		status, code = http.StatusBadRequest, "invalid_request"
-	case exchange.KindInsufficientScope, exchange.KindDenied:
-		status, code = http.StatusForbidden, "insufficient_scope"
+	case exchange.KindInsufficientScope:
+		status, code, outcome = http.StatusForbidden, "insufficient_scope", outcomeInsufficientScope
+	case exchange.KindDenied:
+		status, code, outcome = http.StatusForbidden, "insufficient_scope", outcomeDenied
 	case exchange.KindServer:
-		status = http.StatusInternalServerError
+		status, outcome = http.StatusInternalServerError, outcomeError
 	default:
 		code = "invalid_token"
 	}
+	metrics.exchanges.WithLabelValues(h.routeLabel, outcome).Inc()
 	fields := []zap.Field{
 		zap.String("reason", e.Reason),
 		zap.String("description", e.Description),

@@ -11,6 +11,9 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -65,6 +68,43 @@ type gateway struct {
 	tester   *caddytest.Tester
 	idp      *testidp.Issuer
 	upstream *recordingUpstream
+	logFile  string
+}
+
+// assertNoTokenLogged scans every log line Caddy wrote for raw tokens.
+func (g *gateway) assertNoTokenLogged(t *testing.T, tokens ...string) {
+	t.Helper()
+	logs, err := os.ReadFile(g.logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(logs), "token exchange") {
+		t.Fatal("no exchange was logged at all")
+	}
+	for _, tok := range tokens {
+		if len(tok) < 16 {
+			continue
+		}
+		if strings.Contains(string(logs), tok) {
+			t.Fatalf("a raw token was logged")
+		}
+		// the signing input alone (header.payload) is as good as the token
+		if i := strings.LastIndex(tok, "."); i > 0 && strings.Contains(string(logs), tok[:i]) {
+			t.Fatalf("a token's header.payload was logged")
+		}
+	}
+}
+
+// metric returns the admin /metrics exposition.
+func (g *gateway) metrics(t *testing.T) string {
+	t.Helper()
+	resp, err := g.tester.Client.Get("http://localhost:2999/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }
 
 // startGateway runs real Caddy in-process with the module, trusting a real
@@ -76,10 +116,15 @@ func startGateway(t *testing.T, routeBlock string) *gateway {
 	idp.AddKey("rsa-1", "RS256")
 	idp.AddKey("ec-1", "ES256")
 	upstream := newRecordingUpstream(t)
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
 	config := fmt.Sprintf(`{
 	admin localhost:2999
 	http_port %d
 	https_port 9443
+	log {
+		output file %s
+		level DEBUG
+	}
 	storage file_system %s
 	token_exchange {
 		issuer %s
@@ -100,10 +145,10 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, gatewayPort, t.TempDir(), gatewayIssuer, idp.JWKSURL(), gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
+`, gatewayPort, logFile, t.TempDir(), gatewayIssuer, idp.JWKSURL(), gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
 	tester := caddytest.NewTester(t)
 	tester.InitServer(config, "caddyfile")
-	return &gateway{tester: tester, idp: idp, upstream: upstream}
+	return &gateway{tester: tester, idp: idp, upstream: upstream, logFile: logFile}
 }
 
 func (g *gateway) get(t *testing.T, path string, headers map[string]string) *http.Response {
@@ -228,6 +273,10 @@ func TestMiddlewareForwardsDelegatedToken(t *testing.T) {
 	if d := time.Until(exp); d <= 0 || d > 5*time.Minute+time.Second {
 		t.Errorf("minted lifetime %v, want at most 5m", d)
 	}
+	g.assertNoTokenLogged(t, inbound, minted)
+	if v := metricValue(g.metrics(t), `caddy_token_exchange_exchanges_total{outcome="ok",route="https://orders.internal"}`); v < 1 {
+		t.Errorf("metrics count %v ok exchanges", v)
+	}
 }
 
 func TestMiddlewareRefusals(t *testing.T) {
@@ -243,6 +292,7 @@ func TestMiddlewareRefusals(t *testing.T) {
 	}
 	other := testidp.New(t, "https://evil.test")
 	other.AddKey("rsa-1", "RS256")
+	before := g.metrics(t)
 
 	cases := []struct {
 		name      string
@@ -294,6 +344,32 @@ func TestMiddlewareRefusals(t *testing.T) {
 			}
 		})
 	}
+	var sent []string
+	for _, tc := range cases {
+		sent = append(sent, strings.TrimPrefix(tc.auth, "Bearer "))
+	}
+	g.assertNoTokenLogged(t, sent...)
+	after := g.metrics(t)
+	for series, want := range map[string]float64{
+		`caddy_token_exchange_exchanges_total{outcome="invalid_token",route="https://orders.internal"}`:      11,
+		`caddy_token_exchange_exchanges_total{outcome="insufficient_scope",route="https://orders.internal"}`: 2,
+		`caddy_token_exchange_exchanges_total{outcome="denied",route="https://orders.internal"}`:             1,
+	} {
+		if got := metricValue(after, series) - metricValue(before, series); got != want {
+			t.Errorf("%s rose by %v, want %v", series, got, want)
+		}
+	}
+}
+
+// metricValue reads one series from a Prometheus exposition (0 if absent).
+func metricValue(exposition, series string) float64 {
+	for _, l := range strings.Split(exposition, "\n") {
+		if v, ok := strings.CutPrefix(l, series+" "); ok {
+			f, _ := strconv.ParseFloat(v, 64)
+			return f
+		}
+	}
+	return 0
 }
 
 func TestMiddlewarePlaceholdersAndImpersonation(t *testing.T) {

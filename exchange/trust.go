@@ -104,6 +104,8 @@ type TrustConfig struct {
 	HTTPClient *http.Client
 	Now        func() time.Time
 	Logger     *zap.Logger
+	// OnFetch, if set, is told of every forced JWKS fetch (for metrics).
+	OnFetch func(issuer string, err error)
 }
 
 // TrustStore holds the trusted issuers and their keys, and verifies inbound
@@ -130,6 +132,7 @@ type trustedIssuer struct {
 	refetchMu   sync.Mutex
 	lastRefetch time.Time
 	fetches     atomic.Int64
+	onFetch     func(issuer string, err error)
 }
 
 // keyIndex is a JWKS turned into ready-to-use public keys, by kid.
@@ -178,7 +181,7 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 		if _, dup := ts.issuers[ic.Issuer]; dup {
 			return nil, fmt.Errorf("trusted issuer %q is configured twice", ic.Issuer)
 		}
-		ti := &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, logger: ts.logger}
+		ti := &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, logger: ts.logger, onFetch: cfg.OnFetch}
 		if ic.JWKSFile != "" {
 			set, err := jwk.ReadFile(ic.JWKSFile)
 			if err != nil {
@@ -435,7 +438,11 @@ func (ti *trustedIssuer) refetch(ctx context.Context, now time.Time) bool {
 	}
 	ti.lastRefetch = now
 	ti.fetches.Add(1)
-	if _, err := ti.cache.Refresh(ctx, ti.cfg.JWKSURL); err != nil {
+	_, err := ti.cache.Refresh(ctx, ti.cfg.JWKSURL)
+	if ti.onFetch != nil {
+		ti.onFetch(ti.cfg.Issuer, err)
+	}
+	if err != nil {
 		ti.logger.Warn("JWKS refetch failed; keeping the last good keys",
 			zap.String("issuer", ti.cfg.Issuer), zap.String("jwks_url", ti.cfg.JWKSURL), zap.Error(err))
 		return false
