@@ -1,0 +1,771 @@
+package exchange
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lestrrat-go/httprc/v3"
+	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jwk"
+	"github.com/lestrrat-go/jwx/v3/jws"
+	"github.com/lestrrat-go/jwx/v3/jwt"
+	"go.uber.org/zap"
+	"golang.org/x/crypto/bcrypt"
+)
+
+// Client authentication methods of the token endpoint, named as RFC 8414
+// token_endpoint_auth_methods_supported names them.
+const (
+	ClientAuthSecretBasic   = "client_secret_basic"
+	ClientAuthSecretPost    = "client_secret_post"
+	ClientAuthPrivateKeyJWT = "private_key_jwt"
+)
+
+// ClientAssertionTypeJWTBearer is the client_assertion_type of RFC 7523 §2.2.
+const ClientAssertionTypeJWTBearer = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+// Defaults for client authentication.
+const (
+	DefaultMaxAssertionLifetime = 5 * time.Minute
+	DefaultMaxReplayEntries     = 100_000
+	DefaultMaxAssertionSize     = 8 << 10
+	defaultSecretCacheSize      = 1000
+	// bcryptMaxPassword: bcrypt reads at most 72 bytes, and
+	// bcrypt.GenerateFromPassword refuses longer secrets, so a longer one
+	// can never be right; refusing it keeps a 72-byte prefix from passing.
+	bcryptMaxPassword = 72
+	// replaySweepInterval: how often the replay cache drops expired entries
+	// on its own, and the least time between two sweeps when it is full.
+	replaySweepInterval = time.Minute
+	replayFullSweepGap  = time.Second
+)
+
+// ErrBasicAuthFailed is wrapped (as Error.Err) into every error of a request
+// that carried Basic credentials, so the endpoint can answer an invalid_client
+// with 401 and WWW-Authenticate: Basic (RFC 6749 §5.2). Test with
+// BasicAuthAttempted.
+var ErrBasicAuthFailed = errors.New("client_secret_basic was attempted")
+
+// BasicAuthAttempted tells whether err came from a request that tried
+// client_secret_basic.
+func BasicAuthAttempted(err error) bool { return errors.Is(err, ErrBasicAuthFailed) }
+
+// ClientConfig is one client of the token endpoint. It authenticates with a
+// bcrypt-hashed secret (client_secret_basic or client_secret_post) or with
+// private_key_jwt against its JWKS (exactly one of these).
+type ClientConfig struct {
+	ClientID string
+	// SecretHash is a bcrypt hash of the client secret.
+	SecretHash string
+	// JWKSURL or JWKSFile: the client's public keys for private_key_jwt.
+	JWKSURL  string
+	JWKSFile string
+	// Audiences, Resources and Scopes are what the client may ask for.
+	Audiences []string
+	Resources []string
+	Scopes    []string
+	// MayImpersonate lets the client obtain tokens without act.
+	MayImpersonate bool
+}
+
+// ClientOptions tune client authentication.
+type ClientOptions struct {
+	// TokenEndpointURLs are the acceptable aud values of a client assertion:
+	// the token endpoint's URL(s) and our issuer. Required when a client uses
+	// private_key_jwt.
+	TokenEndpointURLs []string
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+	// MaxAssertionLifetime: how far in the future a client assertion's exp
+	// may lie (default 5m).
+	MaxAssertionLifetime time.Duration
+	// HTTPClient fetches jwks_url (default: a client with DefaultFetchTimeout).
+	HTTPClient *http.Client
+	// ClockSkew tolerated on assertion exp/nbf/iat (default DefaultClockSkew).
+	ClockSkew time.Duration
+	// RefetchInterval is the least time between two forced fetches of one
+	// jwks_url on an unknown kid (default DefaultRefetchInterval).
+	RefetchInterval time.Duration
+	// MaxReplayEntries caps the jti replay cache (default 100000). When it is
+	// full of unexpired entries, new assertions are refused (KindServer)
+	// rather than an entry evicted early.
+	MaxReplayEntries int
+	// Logger reports JWKS fetch failures (default: none).
+	Logger *zap.Logger
+}
+
+// ClientCredentials are the client authentication parts of a token request:
+// the Authorization header's Basic credentials as http.Request.BasicAuth
+// returns them (still form-urlencoded) and the body's parameters.
+type ClientCredentials struct {
+	BasicUser, BasicPass string
+	HasBasic             bool
+	PostID, PostSecret   string
+	Assertion            string
+	AssertionType        string
+}
+
+// AuthenticatedClient is a client that proved who it is.
+type AuthenticatedClient struct {
+	ClientID string
+	// Method is ClientAuthSecretBasic, ClientAuthSecretPost or ClientAuthPrivateKeyJWT.
+	Method string
+	// Config is the client's configuration; its slices are shared, read only.
+	Config ClientConfig
+}
+
+// Clients is the registry of token-endpoint clients and authenticates them.
+// Its jwks_url refreshers live until Close.
+type Clients struct {
+	clients      map[string]*registeredClient
+	endpointURLs []string
+	now          func() time.Time
+	maxLifetime  time.Duration
+	skew         time.Duration
+	maxCost      int
+	logger       *zap.Logger
+
+	cache  *jwk.Cache
+	cancel context.CancelFunc
+
+	secrets *secretCache
+	replay  *replayCache
+
+	dummyOnce sync.Once
+	dummyHash []byte
+}
+
+type registeredClient struct {
+	cfg  ClientConfig
+	hash []byte
+	keys *clientKeys
+}
+
+// clientKeys are the public keys of a private_key_jwt client: a static set
+// from jwks_file, or a jwks_url in the shared cache (one per URL).
+type clientKeys struct {
+	url             string
+	cache           *jwk.Cache
+	static          *keyIndex
+	index           atomic.Pointer[keyIndex]
+	refetchInterval time.Duration
+	logger          *zap.Logger
+
+	refetchMu   sync.Mutex
+	lastRefetch time.Time
+	fetches     atomic.Int64
+}
+
+// NewClients validates the client configurations, loads jwks_file keys and
+// registers jwks_url sets with a background-refreshing cache bound to ctx.
+// It does not wait for remote JWKS: until they arrive, the client's
+// assertions are refused.
+func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*Clients, error) {
+	c := &Clients{
+		clients:     make(map[string]*registeredClient, len(cfgs)),
+		now:         opts.Now,
+		maxLifetime: opts.MaxAssertionLifetime,
+		skew:        opts.ClockSkew,
+		logger:      opts.Logger,
+	}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	if c.maxLifetime <= 0 {
+		c.maxLifetime = DefaultMaxAssertionLifetime
+	}
+	if c.skew <= 0 {
+		c.skew = DefaultClockSkew
+	}
+	if c.logger == nil {
+		c.logger = zap.NewNop()
+	}
+	refetch := opts.RefetchInterval
+	if refetch <= 0 {
+		refetch = DefaultRefetchInterval
+	}
+	maxReplay := opts.MaxReplayEntries
+	if maxReplay <= 0 {
+		maxReplay = DefaultMaxReplayEntries
+	}
+	for _, u := range opts.TokenEndpointURLs {
+		if u == "" {
+			return nil, errors.New("token endpoint URLs must not be empty")
+		}
+		if !slices.Contains(c.endpointURLs, u) {
+			c.endpointURLs = append(c.endpointURLs, u)
+		}
+	}
+	var err error
+	if c.secrets, err = newSecretCache(defaultSecretCacheSize); err != nil {
+		return nil, err
+	}
+	c.replay = newReplayCache(maxReplay)
+
+	byURL := map[string]*clientKeys{}
+	for _, cfg := range cfgs {
+		rc, err := c.newRegisteredClient(cfg, byURL, refetch)
+		if err != nil {
+			return nil, fmt.Errorf("client %q: %w", cfg.ClientID, err)
+		}
+		if _, dup := c.clients[cfg.ClientID]; dup {
+			return nil, fmt.Errorf("client %q is configured twice", cfg.ClientID)
+		}
+		c.clients[cfg.ClientID] = rc
+	}
+
+	if len(byURL) > 0 {
+		client := opts.HTTPClient
+		if client == nil {
+			client = &http.Client{Timeout: DefaultFetchTimeout}
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		cache, err := jwk.NewCache(cctx, httprc.NewClient(httprc.WithWorkers(2)))
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("starting client JWKS cache: %w", err)
+		}
+		c.cache, c.cancel = cache, cancel
+		for u, ck := range byURL {
+			ck.cache = cache
+			err := cache.Register(cctx, u,
+				jwk.WithHTTPClient(client),
+				jwk.WithWaitReady(false),
+				jwk.WithMaxFetchBodySize(DefaultMaxJWKSBodySize),
+				jwk.WithMinInterval(defaultJWKSMinRefresh),
+				jwk.WithMaxInterval(defaultJWKSMaxRefresh),
+			)
+			if err != nil {
+				c.Close()
+				return nil, fmt.Errorf("registering client jwks_url %s: %w", u, err)
+			}
+		}
+	}
+	return c, nil
+}
+
+func (c *Clients) newRegisteredClient(cfg ClientConfig, byURL map[string]*clientKeys, refetch time.Duration) (*registeredClient, error) {
+	if cfg.ClientID == "" {
+		return nil, errors.New("client_id must not be empty")
+	}
+	for i := 0; i < len(cfg.ClientID); i++ {
+		// RFC 6749 Appendix A.1: client-id = *VSCHAR.
+		if ch := cfg.ClientID[i]; ch < 0x20 || ch > 0x7e {
+			return nil, errors.New("client_id must be printable ASCII")
+		}
+	}
+	hasJWKS := cfg.JWKSURL != "" || cfg.JWKSFile != ""
+	switch {
+	case cfg.SecretHash == "" && !hasJWKS:
+		return nil, errors.New("one of secret_hash, jwks_url or jwks_file is required")
+	case cfg.SecretHash != "" && hasJWKS:
+		return nil, errors.New("secret_hash and jwks_url/jwks_file are mutually exclusive: a client has one authentication method")
+	case cfg.JWKSURL != "" && cfg.JWKSFile != "":
+		return nil, errors.New("jwks_url and jwks_file are mutually exclusive")
+	}
+	rc := &registeredClient{cfg: cfg}
+	switch {
+	case cfg.SecretHash != "":
+		cost, err := bcrypt.Cost([]byte(cfg.SecretHash))
+		if err != nil {
+			return nil, fmt.Errorf("secret_hash is not a bcrypt hash: %w", err)
+		}
+		c.maxCost = max(c.maxCost, cost)
+		rc.hash = []byte(cfg.SecretHash)
+	case cfg.JWKSFile != "":
+		if len(c.endpointURLs) == 0 {
+			return nil, errors.New("private_key_jwt needs the token endpoint URLs to check the assertion audience")
+		}
+		set, err := jwk.ReadFile(cfg.JWKSFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading jwks_file: %w", err)
+		}
+		idx := indexClientKeys(set)
+		if len(idx.keys) == 0 {
+			return nil, errors.New("jwks_file holds no usable public signing key (RSA >= 2048 bits, EC P-256/384/521 or Ed25519)")
+		}
+		rc.keys = &clientKeys{static: idx}
+	default:
+		if len(c.endpointURLs) == 0 {
+			return nil, errors.New("private_key_jwt needs the token endpoint URLs to check the assertion audience")
+		}
+		u, err := url.Parse(cfg.JWKSURL)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return nil, errors.New("jwks_url must be an absolute http(s) URL")
+		}
+		ck, ok := byURL[cfg.JWKSURL]
+		if !ok {
+			ck = &clientKeys{url: cfg.JWKSURL, refetchInterval: refetch, logger: c.logger}
+			byURL[cfg.JWKSURL] = ck
+		}
+		rc.keys = ck
+	}
+	return rc, nil
+}
+
+// Close stops the jwks_url refreshers.
+func (c *Clients) Close() error {
+	if c.cancel == nil {
+		return nil
+	}
+	defer c.cancel()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return c.cache.Shutdown(ctx)
+}
+
+// Client returns a client's configuration.
+func (c *Clients) Client(id string) (ClientConfig, bool) {
+	rc, ok := c.clients[id]
+	if !ok {
+		return ClientConfig{}, false
+	}
+	return rc.cfg, true
+}
+
+// AuthMethods lists the authentication methods the configured clients use,
+// for RFC 8414 token_endpoint_auth_methods_supported.
+func (c *Clients) AuthMethods() []string {
+	var secret, key bool
+	for _, rc := range c.clients {
+		secret = secret || rc.hash != nil
+		key = key || rc.keys != nil
+	}
+	var out []string
+	if secret {
+		out = append(out, ClientAuthSecretBasic, ClientAuthSecretPost)
+	}
+	if key {
+		out = append(out, ClientAuthPrivateKeyJWT)
+	}
+	return out
+}
+
+// JWKSFetches reports how many forced fetches a client's jwks_url has made.
+func (c *Clients) JWKSFetches(clientID string) int64 {
+	if rc, ok := c.clients[clientID]; ok && rc.keys != nil {
+		return rc.keys.fetches.Load()
+	}
+	return 0
+}
+
+// Authenticate checks a request's client authentication (RFC 6749 §2.3.1,
+// RFC 7523 §2.2). Errors are *Error: KindInvalidRequest for a malformed
+// attempt (several methods at once, half an assertion), KindInvalidClient
+// when authentication fails, which never tells whether the client exists,
+// and KindServer when the replay cache is full. When the request carried
+// Basic credentials, BasicAuthAttempted(err) is true.
+func (c *Clients) Authenticate(ctx context.Context, cred ClientCredentials) (*AuthenticatedClient, error) {
+	ac, err := c.authenticate(ctx, cred)
+	if err != nil {
+		if cred.HasBasic {
+			if err.Err == nil {
+				err.Err = ErrBasicAuthFailed
+			} else {
+				err.Err = fmt.Errorf("%w: %w", ErrBasicAuthFailed, err.Err)
+			}
+		}
+		return nil, err
+	}
+	return ac, nil
+}
+
+func (c *Clients) authenticate(ctx context.Context, cred ClientCredentials) (*AuthenticatedClient, *Error) {
+	basic := cred.HasBasic
+	post := cred.PostSecret != ""
+	assertion := cred.Assertion != "" || cred.AssertionType != ""
+	n := 0
+	for _, used := range []bool{basic, post, assertion} {
+		if used {
+			n++
+		}
+	}
+	switch {
+	case n > 1:
+		return nil, badRequest("multiple_client_auth", "more than one client authentication method was used")
+	case n == 0:
+		return nil, clientError("no_client_auth", "client authentication is required")
+	case basic:
+		id, err1 := url.QueryUnescape(cred.BasicUser)
+		secret, err2 := url.QueryUnescape(cred.BasicPass)
+		if err1 != nil || err2 != nil {
+			return nil, clientError("malformed_basic", "Basic credentials must be form-urlencoded (RFC 6749 section 2.3.1)")
+		}
+		if id == "" {
+			return nil, clientError("missing_client_id", "Basic credentials carry no client_id")
+		}
+		if cred.PostID != "" && cred.PostID != id {
+			return nil, clientError("client_id_mismatch", "client_id in the body does not match the Basic credentials")
+		}
+		return c.checkSecret(id, secret, ClientAuthSecretBasic)
+	case post:
+		if cred.PostID == "" {
+			return nil, badRequest("missing_client_id", "client_secret requires client_id")
+		}
+		return c.checkSecret(cred.PostID, cred.PostSecret, ClientAuthSecretPost)
+	default:
+		return c.checkAssertion(ctx, cred)
+	}
+}
+
+// authFailed is the one description of every failed authentication of an
+// identified client, so the answer never tells whether the client exists.
+const authFailed = "client authentication failed"
+
+func clientError(reason, description string) *Error {
+	return &Error{Kind: KindInvalidClient, Reason: reason, Description: description}
+}
+
+func (c *Clients) checkSecret(id, secret, method string) (*AuthenticatedClient, *Error) {
+	if secret == "" || len(secret) > bcryptMaxPassword {
+		return nil, clientError("bad_secret", authFailed)
+	}
+	rc, ok := c.clients[id]
+	if !ok || rc.hash == nil {
+		// Spend what a real check costs, so timing does not tell an
+		// unknown client (or one with another method) from a wrong secret.
+		c.dummyCompare(secret)
+		if !ok {
+			return nil, clientError("unknown_client", authFailed)
+		}
+		return nil, clientError("auth_method_mismatch", authFailed)
+	}
+	key := c.secrets.key(id, rc.hash, secret)
+	if !c.secrets.has(key) {
+		if bcrypt.CompareHashAndPassword(rc.hash, []byte(secret)) != nil {
+			return nil, clientError("bad_secret", authFailed)
+		}
+		c.secrets.add(key)
+	}
+	return &AuthenticatedClient{ClientID: id, Method: method, Config: rc.cfg}, nil
+}
+
+// dummyCompare runs one bcrypt comparison at the highest configured cost
+// against a hash no secret matches.
+func (c *Clients) dummyCompare(secret string) {
+	if c.maxCost == 0 {
+		return // no secret clients: nothing to hide
+	}
+	c.dummyOnce.Do(func() {
+		var pw [32]byte
+		_, _ = rand.Read(pw[:])
+		c.dummyHash, _ = bcrypt.GenerateFromPassword([]byte(base64.RawURLEncoding.EncodeToString(pw[:])), c.maxCost)
+	})
+	if c.dummyHash != nil {
+		_ = bcrypt.CompareHashAndPassword(c.dummyHash, []byte(secret))
+	}
+}
+
+// checkAssertion verifies a private_key_jwt client assertion (RFC 7523 §3).
+// As in Verify, the order is deliberate: shape and header first, then the
+// client by iss/sub, then the key by the client's JWKS, kid and algorithm,
+// then the signature, and only then the claims and the replay cache.
+func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*AuthenticatedClient, *Error) {
+	switch {
+	case cred.Assertion == "":
+		return nil, badRequest("missing_client_assertion", "client_assertion is required with client_assertion_type")
+	case cred.AssertionType == "":
+		return nil, badRequest("missing_client_assertion_type", "client_assertion_type is required with client_assertion")
+	case cred.AssertionType != ClientAssertionTypeJWTBearer:
+		return nil, clientError("unsupported_assertion_type", "client_assertion_type must be "+ClientAssertionTypeJWTBearer)
+	}
+	raw := cred.Assertion
+	if len(raw) > DefaultMaxAssertionSize {
+		return nil, clientError("assertion_too_large", fmt.Sprintf("client_assertion exceeds %d bytes", DefaultMaxAssertionSize))
+	}
+	if strings.Count(raw, ".") != 2 {
+		return nil, clientError("malformed_assertion", "client_assertion is not a compact JWS")
+	}
+	h64, rest, _ := strings.Cut(raw, ".")
+	p64, s64, _ := strings.Cut(rest, ".")
+	if h64 == "" || p64 == "" || s64 == "" {
+		return nil, clientError("malformed_assertion", "client_assertion is not a signed compact JWS")
+	}
+	var hdr jwsHeader
+	if err := decodeSegment(h64, &hdr); err != nil {
+		return nil, clientError("malformed_assertion", "client_assertion header is not valid base64url JSON")
+	}
+	if hdr.Crit != nil || hdr.B64 != nil {
+		return nil, clientError("malformed_assertion", "client_assertion header carries unsupported extensions")
+	}
+	if hdr.Alg == "" || CheckVerifyAlgorithm(hdr.Alg) != nil {
+		return nil, clientError("bad_algorithm", "client_assertion must be signed with an asymmetric algorithm")
+	}
+	payload, err := base64.RawURLEncoding.Strict().DecodeString(p64)
+	if err != nil {
+		return nil, clientError("malformed_assertion", "client_assertion payload is not valid base64url")
+	}
+	tok := jwt.New()
+	if err := json.Unmarshal(payload, tok); err != nil {
+		return nil, clientError("malformed_assertion", "client_assertion payload is not a valid JSON claims set")
+	}
+	iss, _ := tok.Issuer()
+	sub, _ := tok.Subject()
+	if iss == "" || iss != sub {
+		return nil, clientError("bad_assertion_subject", "client_assertion iss and sub must both be the client_id")
+	}
+	if cred.PostID != "" && cred.PostID != sub {
+		return nil, clientError("client_id_mismatch", "client_id does not match the client_assertion")
+	}
+	rc, ok := c.clients[sub]
+	if !ok {
+		return nil, clientError("unknown_client", authFailed)
+	}
+	if rc.keys == nil {
+		return nil, clientError("auth_method_mismatch", authFailed)
+	}
+
+	now := c.now()
+	key, ok := rc.keys.keyFor(ctx, hdr.Kid, hdr.Alg, now)
+	if !ok {
+		return nil, clientError("unknown_key", authFailed)
+	}
+	alg, ok := jwa.LookupSignatureAlgorithm(hdr.Alg)
+	if !ok {
+		return nil, clientError("bad_algorithm", "client_assertion must be signed with an asymmetric algorithm")
+	}
+	if _, err := jws.VerifyCompactFast(key, []byte(raw), alg); err != nil {
+		return nil, &Error{Kind: KindInvalidClient, Reason: "bad_signature", Description: authFailed, Err: err}
+	}
+
+	err = jwt.Validate(tok,
+		jwt.WithClock(jwt.ClockFunc(func() time.Time { return now })),
+		jwt.WithAcceptableSkew(c.skew),
+		jwt.WithRequiredClaim(jwt.ExpirationKey),
+		jwt.WithTruncation(time.Second),
+	)
+	if err != nil {
+		e := claimError(err)
+		return nil, &Error{Kind: KindInvalidClient, Reason: "assertion_" + e.Reason,
+			Description: "client_assertion " + strings.TrimPrefix(e.Description, "token "), Err: err}
+	}
+	exp, _ := tok.Expiration()
+	if exp.After(now.Add(c.maxLifetime + c.skew)) {
+		return nil, clientError("assertion_lifetime",
+			fmt.Sprintf("client_assertion exp lies more than %s in the future", c.maxLifetime))
+	}
+	aud, _ := tok.Audience()
+	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(c.endpointURLs, a) }) {
+		return nil, clientError("assertion_audience", "client_assertion aud must name this token endpoint")
+	}
+	jti, _ := tok.JwtID()
+	if jti == "" {
+		return nil, clientError("assertion_missing_jti", "client_assertion has no jti")
+	}
+	// Only a verified assertion takes a place in the replay cache, so no one
+	// but a client holding its key can fill it. It stays until the assertion
+	// could no longer pass the exp check.
+	switch c.replay.add(sub, jti, exp.Add(c.skew), now) {
+	case errReplayed:
+		return nil, clientError("assertion_replayed", "client_assertion jti was already used")
+	case errReplayFull:
+		return nil, &Error{Kind: KindServer, Reason: "replay_cache_full",
+			Description: "too many client assertions in flight; retry later"}
+	}
+	return &AuthenticatedClient{ClientID: sub, Method: ClientAuthPrivateKeyJWT, Config: rc.cfg}, nil
+}
+
+// keyFor returns the client's verification key for kid and alg, refetching
+// its jwks_url (throttled) when the key is unknown.
+func (ck *clientKeys) keyFor(ctx context.Context, kid, alg string, now time.Time) (any, bool) {
+	if k, ok := ck.keys(ctx).find(kid, alg); ok {
+		return k, true
+	}
+	if ck.cache == nil || !ck.refetch(ctx, now) {
+		return nil, false
+	}
+	return ck.keys(ctx).find(kid, alg)
+}
+
+func (ck *clientKeys) keys(ctx context.Context) *keyIndex {
+	if ck.static != nil {
+		return ck.static
+	}
+	set, err := ck.cache.Lookup(ctx, ck.url)
+	if err != nil {
+		return nil
+	}
+	if idx := ck.index.Load(); idx != nil && idx.set == set {
+		return idx
+	}
+	idx := indexClientKeys(set)
+	ck.index.Store(idx)
+	return idx
+}
+
+// refetch forces one fetch of the jwks_url unless one happened within the
+// refetch interval; concurrent callers wait for the fetch in flight.
+func (ck *clientKeys) refetch(ctx context.Context, now time.Time) bool {
+	ck.refetchMu.Lock()
+	defer ck.refetchMu.Unlock()
+	if !ck.lastRefetch.IsZero() && now.Sub(ck.lastRefetch) < ck.refetchInterval {
+		return true
+	}
+	ck.lastRefetch = now
+	ck.fetches.Add(1)
+	if _, err := ck.cache.Refresh(ctx, ck.url); err != nil {
+		ck.logger.Warn("client JWKS refetch failed; keeping the last good keys",
+			zap.String("jwks_url", ck.url), zap.Error(err))
+		return false
+	}
+	return true
+}
+
+// indexClientKeys turns a JWKS into usable public signing keys: keys marked
+// for another use, and keys of no type an accepted algorithm fits
+// (symmetric keys among them), are left out.
+func indexClientKeys(set jwk.Set) *keyIndex {
+	idx := &keyIndex{set: set}
+	for i := 0; i < set.Len(); i++ {
+		k, _ := set.Key(i)
+		if use, ok := k.KeyUsage(); ok && use != "sig" {
+			continue
+		}
+		pk, err := jwk.PublicKeyOf(k)
+		if err != nil {
+			continue
+		}
+		var raw any
+		if err := jwk.Export(pk, &raw); err != nil {
+			continue
+		}
+		if !slices.ContainsFunc(supportedVerifyAlgorithms, func(a string) bool { return keyFitsAlgorithm(raw, a) }) {
+			continue
+		}
+		vk := verifyKey{pub: raw}
+		vk.kid, _ = k.KeyID()
+		if a, ok := k.Algorithm(); ok {
+			vk.alg = a.String()
+		}
+		idx.keys = append(idx.keys, vk)
+	}
+	return idx
+}
+
+// secretCache remembers successful secret checks, because bcrypt costs tens
+// of milliseconds. Its keys are HMAC-SHA256 under a per-process random key
+// over (client_id, stored hash, secret): nothing in memory is a fast hash of
+// a secret that could be brute-forced offline.
+type secretCache struct {
+	mu  sync.RWMutex
+	mac []byte
+	m   map[[sha256.Size]byte]struct{}
+	max int
+}
+
+func newSecretCache(size int) (*secretCache, error) {
+	s := &secretCache{mac: make([]byte, 32), m: make(map[[sha256.Size]byte]struct{}), max: size}
+	if _, err := rand.Read(s.mac); err != nil {
+		return nil, fmt.Errorf("seeding the secret cache: %w", err)
+	}
+	return s, nil
+}
+
+func (s *secretCache) key(clientID string, hash []byte, secret string) [sha256.Size]byte {
+	h := hmac.New(sha256.New, s.mac)
+	var n [8]byte
+	for _, part := range [][]byte{[]byte(clientID), hash, []byte(secret)} {
+		binary.BigEndian.PutUint64(n[:], uint64(len(part)))
+		h.Write(n[:])
+		h.Write(part)
+	}
+	var out [sha256.Size]byte
+	h.Sum(out[:0])
+	return out
+}
+
+func (s *secretCache) has(k [sha256.Size]byte) bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	_, ok := s.m[k]
+	return ok
+}
+
+func (s *secretCache) add(k [sha256.Size]byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.m) >= s.max {
+		// Drop one entry at random (map order); losing a success only
+		// costs one more bcrypt comparison.
+		for old := range s.m {
+			delete(s.m, old)
+			break
+		}
+	}
+	s.m[k] = struct{}{}
+}
+
+func (s *secretCache) len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return len(s.m)
+}
+
+var (
+	errReplayed   = errors.New("jti replayed")
+	errReplayFull = errors.New("replay cache full")
+)
+
+// replayCache remembers the jti of every accepted client assertion until it
+// expires. It is bounded: when full of live entries it refuses new ones, it
+// never forgets a live jti early (that would reopen the replay window).
+type replayCache struct {
+	mu        sync.Mutex
+	m         map[[sha256.Size]byte]time.Time
+	max       int
+	lastSweep time.Time
+}
+
+func newReplayCache(size int) *replayCache {
+	return &replayCache{m: make(map[[sha256.Size]byte]time.Time), max: size}
+}
+
+// add records clientID+jti until until. It returns errReplayed when that jti
+// is still recorded, errReplayFull when there is no room.
+func (r *replayCache) add(clientID, jti string, until, now time.Time) error {
+	// A hash keeps each entry small however long the jti is.
+	k := sha256.Sum256([]byte(clientID + "\x00" + jti))
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if exp, ok := r.m[k]; ok && now.Before(exp) {
+		return errReplayed
+	}
+	if now.Sub(r.lastSweep) >= replaySweepInterval ||
+		(len(r.m) >= r.max && now.Sub(r.lastSweep) >= replayFullSweepGap) {
+		r.sweep(now)
+	}
+	if _, ok := r.m[k]; !ok && len(r.m) >= r.max {
+		return errReplayFull
+	}
+	r.m[k] = until
+	return nil
+}
+
+func (r *replayCache) sweep(now time.Time) {
+	r.lastSweep = now
+	for k, exp := range r.m {
+		if !now.Before(exp) {
+			delete(r.m, k)
+		}
+	}
+}
+
+func (r *replayCache) len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.m)
+}
