@@ -7,6 +7,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -60,15 +61,25 @@ type App struct {
 	// JWKSFetchTimeout bounds one JWKS fetch (default 5s).
 	JWKSFetchTimeout caddy.Duration `json:"jwks_fetch_timeout,omitempty"`
 
+	// TokenEndpoint is the URL of the RFC 8693 token endpoint, as published
+	// in the metadata and accepted as a client assertion's aud.
+	// Default: issuer + "/oauth2/token".
+	TokenEndpoint string `json:"token_endpoint,omitempty"`
+
+	// JWKSURI is the URL of the gateway's JWKS, as published in the metadata.
+	// Default: issuer + "/.well-known/jwks.json".
+	JWKSURI string `json:"jwks_uri,omitempty"`
+
 	// Trust lists the issuers whose tokens are accepted as subject tokens.
 	Trust []TrustedIssuer `json:"trust,omitempty"`
 
 	// Clients are the clients of the RFC 8693 token endpoint.
 	Clients []Client `json:"clients,omitempty"`
 
-	engine *exchange.Engine
-	trust  *exchange.TrustStore
-	logger *zap.Logger
+	engine  *exchange.Engine
+	trust   *exchange.TrustStore
+	clients *exchange.Clients
+	logger  *zap.Logger
 }
 
 // TrustedIssuer is one issuer of subject tokens.
@@ -196,6 +207,35 @@ func (a *App) Provision(ctx caddy.Context) error {
 		_ = trust.Close()
 		return fmt.Errorf("token_exchange: %w", err)
 	}
+	if a.TokenEndpoint == "" {
+		a.TokenEndpoint = strings.TrimSuffix(a.Issuer, "/") + "/oauth2/token"
+	}
+	if a.JWKSURI == "" {
+		a.JWKSURI = strings.TrimSuffix(a.Issuer, "/") + "/.well-known/jwks.json"
+	}
+	clientCfgs := make([]exchange.ClientConfig, 0, len(a.Clients))
+	for _, c := range a.Clients {
+		clientCfgs = append(clientCfgs, exchange.ClientConfig{
+			ClientID:       c.ClientID,
+			SecretHash:     c.SecretHash,
+			JWKSURL:        c.JWKSURL,
+			JWKSFile:       c.JWKSFile,
+			Audiences:      c.Audiences,
+			Resources:      c.Resources,
+			Scopes:         c.Scopes,
+			MayImpersonate: c.MayImpersonate,
+		})
+	}
+	a.clients, err = exchange.NewClients(ctx, clientCfgs, exchange.ClientOptions{
+		TokenEndpointURLs: []string{a.TokenEndpoint, a.Issuer},
+		ClockSkew:         time.Duration(a.ClockSkew),
+		Logger:            a.logger,
+	})
+	if err != nil {
+		_ = trust.Close()
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+
 	a.logger.Info("token exchange ready",
 		zap.String("issuer", a.Issuer),
 		zap.String("signing_alg", signer.Algorithm()),
@@ -212,10 +252,14 @@ func (a *App) Stop() error { return nil }
 
 // Cleanup stops the JWKS refreshers of this config.
 func (a *App) Cleanup() error {
-	if a.trust != nil {
-		return a.trust.Close()
+	var errs []error
+	if a.clients != nil {
+		errs = append(errs, a.clients.Close())
 	}
-	return nil
+	if a.trust != nil {
+		errs = append(errs, a.trust.Close())
+	}
+	return errors.Join(errs...)
 }
 
 // Engine is the shared exchange engine.

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"github.com/dustin/go-humanize"
 	"slices"
 	"strconv"
 
@@ -18,7 +19,11 @@ func init() {
 	httpcaddyfile.RegisterHandlerDirective("token_exchange", parseHandler)
 	httpcaddyfile.RegisterHandlerDirective("token_exchange_jwks", parseJWKSHandler)
 	httpcaddyfile.RegisterDirectiveOrder("token_exchange", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterHandlerDirective("token_exchange_endpoint", parseEndpointHandler)
+	httpcaddyfile.RegisterHandlerDirective("token_exchange_metadata", parseMetadataHandler)
 	httpcaddyfile.RegisterDirectiveOrder("token_exchange_jwks", httpcaddyfile.Before, "respond")
+	httpcaddyfile.RegisterDirectiveOrder("token_exchange_endpoint", httpcaddyfile.Before, "respond")
+	httpcaddyfile.RegisterDirectiveOrder("token_exchange_metadata", httpcaddyfile.Before, "respond")
 }
 
 // parseGlobalOption sets up the token_exchange app. Syntax:
@@ -34,6 +39,8 @@ func init() {
 //	    max_token_size <bytes>
 //	    max_act_depth <n>
 //	    jwks_fetch_timeout <duration>
+//	    token_endpoint <url>
+//	    jwks_uri <url>
 //	    trust <issuer> {
 //	        jwks_url <url> | jwks_file <path>
 //	        audience <aud...>
@@ -95,6 +102,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = durationArg(d, &a.ClockSkew)
 		case "jwks_fetch_timeout":
 			err = durationArg(d, &a.JWKSFetchTimeout)
+		case "token_endpoint":
+			err = oneArg(d, &a.TokenEndpoint)
+		case "jwks_uri":
+			err = oneArg(d, &a.JWKSURI)
 		case "max_token_size":
 			err = intArg(d, &a.MaxTokenSize)
 		case "max_act_depth":
@@ -329,6 +340,53 @@ func (h *JWKSHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
+// parseEndpointHandler sets up the token_exchange_endpoint handler. Syntax:
+//
+//	token_exchange_endpoint [<matcher>] {
+//	    max_request_body <size>
+//	}
+func parseEndpointHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(EndpointHandler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens.
+func (h *EndpointHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for d.NextBlock(0) {
+		switch d.Val() {
+		case "max_request_body":
+			var s string
+			if err := oneArg(d, &s); err != nil {
+				return err
+			}
+			size, err := humanize.ParseBytes(s)
+			if err != nil || size == 0 {
+				return d.Errf("invalid max_request_body '%s'", s)
+			}
+			h.MaxRequestBody = int64(size)
+		default:
+			return d.Errf("unrecognized token_exchange_endpoint subdirective '%s'", d.Val())
+		}
+	}
+	return nil
+}
+
+// parseMetadataHandler sets up the token_exchange_metadata handler. Syntax:
+//
+//	token_exchange_metadata [<matcher>]
+func parseMetadataHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	h.Next() // consume directive name
+	if h.NextArg() || h.NextBlock(0) {
+		return nil, h.Err("token_exchange_metadata takes no arguments: issuer, token_endpoint and jwks_uri come from the token_exchange global option")
+	}
+	return new(MetadataHandler), nil
+}
+
 func oneArg(d *caddyfile.Dispenser, dst *string) error {
 	if !d.NextArg() {
 		return d.ArgErr()
@@ -383,4 +441,5 @@ var (
 	_ caddyfile.Unmarshaler = (*App)(nil)
 	_ caddyfile.Unmarshaler = (*Handler)(nil)
 	_ caddyfile.Unmarshaler = (*JWKSHandler)(nil)
+	_ caddyfile.Unmarshaler = (*EndpointHandler)(nil)
 )

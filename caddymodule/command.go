@@ -55,7 +55,7 @@ func keygenCommand() *cobra.Command {
 			if err := key.Set(jwk.AlgorithmKey, sigAlg); err != nil {
 				return err
 			}
-			if err := writeJSON(out, key, 0o600); err != nil {
+			if err := writeJSONFile(out, key, 0o600); err != nil {
 				return err
 			}
 			if jwksOut != "" {
@@ -161,7 +161,7 @@ func mintCommand() *cobra.Command {
 	return c
 }
 
-func writeJSON(path string, v any, mode os.FileMode) error {
+func writeJSONFile(path string, v any, mode os.FileMode) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err

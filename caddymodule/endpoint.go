@@ -1,0 +1,256 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"mime"
+	"net/http"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
+)
+
+func init() {
+	caddy.RegisterModule(EndpointHandler{})
+	caddy.RegisterModule(MetadataHandler{})
+}
+
+// DefaultMaxRequestBody caps a token endpoint request body.
+const DefaultMaxRequestBody = 64 << 10
+
+// EndpointHandler is the `token_exchange_endpoint` handler: the standard
+// RFC 8693 token endpoint, served by the same engine as the middleware.
+// Clients authenticate with client_secret_basic, client_secret_post or
+// private_key_jwt (the `client` blocks of the global option).
+type EndpointHandler struct {
+	// MaxRequestBody caps the request body in bytes (default 65536).
+	MaxRequestBody int64 `json:"max_request_body,omitempty"`
+
+	app    *App
+	logger *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (EndpointHandler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.token_exchange_endpoint",
+		New: func() caddy.Module { return new(EndpointHandler) },
+	}
+}
+
+// Provision sets up the handler.
+func (h *EndpointHandler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	app, err := appFrom(ctx, "token_exchange_endpoint handler")
+	if err != nil {
+		return err
+	}
+	h.app = app
+	if h.MaxRequestBody <= 0 {
+		h.MaxRequestBody = DefaultMaxRequestBody
+	}
+	return nil
+}
+
+// ServeHTTP serves one token request.
+func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) (err error) {
+	// Token responses and errors are never cached (RFC 6749 §5.1).
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Pragma", "no-cache")
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "method",
+			Description: "the token endpoint accepts only POST"}, http.StatusMethodNotAllowed)
+	}
+	defer func() {
+		if rec := recover(); rec != nil {
+			h.logger.Error("panic in token endpoint", zap.Any("panic", rec), zap.ByteString("stack", debug.Stack()))
+			err = h.fail(w, &exchange.Error{Kind: exchange.KindServer, Reason: "panic", Description: "internal error"}, 0)
+		}
+	}()
+
+	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if mt != "application/x-www-form-urlencoded" {
+		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "content_type",
+			Description: "the request must be application/x-www-form-urlencoded"}, 0)
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, h.MaxRequestBody)
+	if err := r.ParseForm(); err != nil {
+		var tooLarge *http.MaxBytesError
+		desc := "the request body is not a valid form"
+		if errors.As(err, &tooLarge) {
+			desc = fmt.Sprintf("the request body exceeds %d bytes", h.MaxRequestBody)
+		}
+		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "body", Description: desc}, 0)
+	}
+
+	// Only the body counts: parameters in the URI are not part of an RFC
+	// 8693 request, and a token there would end up in access logs.
+	req, perr := exchange.ParseTokenRequest(r.PostForm)
+	if perr != nil {
+		return h.fail(w, exchange.AsError(perr), 0)
+	}
+	cred := req.ClientCredentials()
+	cred.BasicUser, cred.BasicPass, cred.HasBasic = r.BasicAuth()
+	if !cred.HasBasic && r.Header.Get("Authorization") != "" {
+		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidClient, Reason: "auth_scheme",
+			Description: "client authentication failed"}, 0)
+	}
+	client, aerr := h.app.clients.Authenticate(r.Context(), cred)
+	if aerr != nil {
+		e := exchange.AsError(aerr)
+		if exchange.BasicAuthAttempted(aerr) && e.Kind == exchange.KindInvalidClient {
+			w.Header().Set("WWW-Authenticate", `Basic realm="`+quoteSafe(h.app.Issuer)+`", charset="UTF-8"`)
+		}
+		return h.fail(w, e, 0)
+	}
+
+	issued, xerr := h.app.engine.TokenExchange(r.Context(), req, client)
+	if xerr != nil {
+		e := exchange.AsError(xerr)
+		h.logger.Info("token exchange refused",
+			zap.String("client_id", client.ClientID),
+			zap.String("reason", e.Reason),
+			zap.String("description", e.Description),
+			zap.String("subject_token_sha256", exchange.HashToken(req.SubjectToken)))
+		return h.fail(w, e, 0)
+	}
+	m := issued.Minted
+	metrics.endpoint.WithLabelValues(outcomeOK).Inc()
+	h.logger.Info("token exchanged",
+		zap.String("client_id", client.ClientID),
+		zap.String("client_auth", client.Method),
+		zap.String("sub", m.Subject),
+		zap.Any("act", m.ActChain),
+		zap.Strings("aud", m.Audiences),
+		zap.String("scope", exchange.FormatScope(m.Scopes)),
+		zap.String("jti", m.JTI),
+		zap.String("subject_issuer", m.SubjectIssuer),
+		zap.String("subject_token_sha256", m.SubjectTokenHash),
+		zap.Time("exp", m.Expiry))
+	return writeJSON(w, http.StatusOK, issued)
+}
+
+// fail writes an RFC 6749 §5.2 error. status 0 picks the one the code implies.
+func (h *EndpointHandler) fail(w http.ResponseWriter, e *exchange.Error, status int) error {
+	code, defStatus := oauthError(e.Kind)
+	if status == 0 {
+		status = defStatus
+	}
+	metrics.endpoint.WithLabelValues(code).Inc()
+	if e.Kind == exchange.KindServer {
+		h.logger.Error("token endpoint failed", zap.String("reason", e.Reason), zap.Error(e.Err))
+	}
+	return writeJSON(w, status, map[string]string{"error": code, "error_description": e.Description})
+}
+
+// oauthError maps a failure to its RFC 6749 §5.2 / RFC 8693 §2.2.2 code.
+func oauthError(k exchange.Kind) (string, int) {
+	switch k {
+	case exchange.KindInvalidClient:
+		return "invalid_client", http.StatusUnauthorized
+	case exchange.KindUnauthorizedClient:
+		return "unauthorized_client", http.StatusBadRequest
+	case exchange.KindUnsupportedGrantType:
+		return "unsupported_grant_type", http.StatusBadRequest
+	case exchange.KindInvalidTarget:
+		return "invalid_target", http.StatusBadRequest
+	case exchange.KindInvalidScope, exchange.KindInsufficientScope:
+		return "invalid_scope", http.StatusBadRequest
+	case exchange.KindServer:
+		return "server_error", http.StatusInternalServerError
+	default:
+		return "invalid_request", http.StatusBadRequest
+	}
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) error {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return caddyhttp.Error(http.StatusInternalServerError, err)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+	return nil
+}
+
+// MetadataHandler is the `token_exchange_metadata` handler: the RFC 8414
+// authorization server metadata of the gateway's STS, usually served at
+// /.well-known/oauth-authorization-server (and, for OIDC-style discovery
+// clients, at /.well-known/openid-configuration).
+type MetadataHandler struct {
+	app *App
+}
+
+// CaddyModule returns the Caddy module information.
+func (MetadataHandler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.token_exchange_metadata",
+		New: func() caddy.Module { return new(MetadataHandler) },
+	}
+}
+
+// Provision sets up the handler.
+func (h *MetadataHandler) Provision(ctx caddy.Context) error {
+	app, err := appFrom(ctx, "token_exchange_metadata handler")
+	if err != nil {
+		return err
+	}
+	h.app = app
+	return nil
+}
+
+// ServeHTTP serves the metadata document.
+func (h *MetadataHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		return caddyhttp.Error(http.StatusMethodNotAllowed, nil)
+	}
+	w.Header().Set("Cache-Control", "public, max-age="+strconv.Itoa(int((5*time.Minute).Seconds())))
+	return writeJSON(w, http.StatusOK, h.app.metadata())
+}
+
+// metadata is the RFC 8414 document.
+func (a *App) metadata() map[string]any {
+	doc := map[string]any{
+		"issuer":                                a.Issuer,
+		"token_endpoint":                        a.TokenEndpoint,
+		"jwks_uri":                              a.JWKSURI,
+		"grant_types_supported":                 []string{exchange.GrantTypeTokenExchange},
+		"response_types_supported":              []string{},
+		"token_endpoint_auth_methods_supported": a.clients.AuthMethods(),
+		"token_endpoint_auth_signing_alg_values_supported": []string{
+			"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
+		},
+	}
+	var scopes []string
+	for _, c := range a.Clients {
+		for _, s := range c.Scopes {
+			if !slices.Contains(scopes, s) {
+				scopes = append(scopes, s)
+			}
+		}
+	}
+	if len(scopes) > 0 {
+		doc["scopes_supported"] = scopes
+	}
+	return doc
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*EndpointHandler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*EndpointHandler)(nil)
+	_ caddy.Provisioner           = (*MetadataHandler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*MetadataHandler)(nil)
+)
