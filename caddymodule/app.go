@@ -58,6 +58,10 @@ type App struct {
 	// MaxActDepth bounds the act chain of a subject token (default 5).
 	MaxActDepth int `json:"max_act_depth,omitempty"`
 
+	// MaxAssertionLifetime is how far in the future a private_key_jwt client
+	// assertion's exp may lie (default 1h).
+	MaxAssertionLifetime caddy.Duration `json:"max_assertion_lifetime,omitempty"`
+
 	// JWKSFetchTimeout bounds one JWKS fetch (default 5s).
 	JWKSFetchTimeout caddy.Duration `json:"jwks_fetch_timeout,omitempty"`
 
@@ -123,6 +127,8 @@ type Client struct {
 	Resources      []string `json:"resources,omitempty"`
 	Scopes         []string `json:"scopes,omitempty"`
 	MayImpersonate bool     `json:"may_impersonate,omitempty"`
+	// Policy holds the client's CEL rules: allow_if, deny_if, grant, claim.
+	Policy
 }
 
 // CaddyModule returns the Caddy module information.
@@ -215,7 +221,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	clientCfgs := make([]exchange.ClientConfig, 0, len(a.Clients))
 	for _, c := range a.Clients {
+		rules, err := c.Policy.compile()
+		if err != nil {
+			_ = trust.Close()
+			return fmt.Errorf("token_exchange: client %s: %w", c.ClientID, err)
+		}
 		clientCfgs = append(clientCfgs, exchange.ClientConfig{
+			Rules:          rules,
 			ClientID:       c.ClientID,
 			SecretHash:     c.SecretHash,
 			JWKSURL:        c.JWKSURL,
@@ -227,9 +239,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		})
 	}
 	a.clients, err = exchange.NewClients(ctx, clientCfgs, exchange.ClientOptions{
-		TokenEndpointURLs: []string{a.TokenEndpoint, a.Issuer},
-		ClockSkew:         time.Duration(a.ClockSkew),
-		Logger:            a.logger,
+		TokenEndpointURLs:    []string{a.TokenEndpoint, a.Issuer},
+		MaxAssertionLifetime: time.Duration(a.MaxAssertionLifetime),
+		ClockSkew:            time.Duration(a.ClockSkew),
+		Logger:               a.logger,
 	})
 	if err != nil {
 		_ = trust.Close()

@@ -39,6 +39,7 @@ func init() {
 //	    max_token_size <bytes>
 //	    max_act_depth <n>
 //	    jwks_fetch_timeout <duration>
+//	    max_assertion_lifetime <duration>
 //	    token_endpoint <url>
 //	    jwks_uri <url>
 //	    trust <issuer> {
@@ -60,6 +61,7 @@ func init() {
 //	        resource <uri...>
 //	        scope <scope...>
 //	        may_impersonate
+//	        allow_if|deny_if|grant|claim ...   (as in the handler)
 //	    }
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -100,6 +102,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = durationArg(d, &a.TokenLifetime)
 		case "clock_skew":
 			err = durationArg(d, &a.ClockSkew)
+		case "max_assertion_lifetime":
+			err = durationArg(d, &a.MaxAssertionLifetime)
 		case "jwks_fetch_timeout":
 			err = durationArg(d, &a.JWKSFetchTimeout)
 		case "token_endpoint":
@@ -240,6 +244,10 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			c.MayImpersonate = true
 		default:
+			if ok, perr := c.Policy.unmarshalPolicyLine(d); ok {
+				err = perr
+				break
+			}
 			return d.Errf("unrecognized client option '%s'", d.Val())
 		}
 		if err != nil {
@@ -258,6 +266,10 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    claims <claim...>
 //	    mode delegation|impersonation
 //	    realm <realm>
+//	    allow_if <cel-expr>
+//	    deny_if <cel-expr>
+//	    grant <scope...> if <cel-expr>
+//	    claim <name> <cel-expr>
 //	}
 func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
@@ -293,6 +305,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "realm":
 			err = oneArg(d, &h.Realm)
 		default:
+			if ok, perr := h.Policy.unmarshalPolicyLine(d); ok {
+				err = perr
+				break
+			}
 			return d.Errf("unrecognized token_exchange subdirective '%s'", d.Val())
 		}
 		if err != nil {

@@ -101,6 +101,9 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	cred := req.ClientCredentials()
 	cred.BasicUser, cred.BasicPass, cred.HasBasic = r.BasicAuth()
 	if !cred.HasBasic && r.Header.Get("Authorization") != "" {
+		// RFC 6749 §5.2: a client that tried the Authorization header gets 401
+		// and a challenge naming the scheme we support.
+		w.Header().Set("WWW-Authenticate", `Basic realm="`+quoteSafe(h.app.Issuer)+`", charset="UTF-8"`)
 		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidClient, Reason: "auth_scheme",
 			Description: "client authentication failed"}, 0)
 	}
@@ -149,7 +152,8 @@ func (h *EndpointHandler) fail(w http.ResponseWriter, e *exchange.Error, status 
 	if e.Kind == exchange.KindServer {
 		h.logger.Error("token endpoint failed", zap.String("reason", e.Reason), zap.Error(e.Err))
 	}
-	return writeJSON(w, status, map[string]string{"error": code, "error_description": e.Description})
+	// RFC 6749 §5.2 limits error_description to printable ASCII without " or \.
+	return writeJSON(w, status, map[string]string{"error": code, "error_description": quoteSafe(e.Description)})
 }
 
 // oauthError maps a failure to its RFC 6749 §5.2 / RFC 8693 §2.2.2 code.

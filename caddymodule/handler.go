@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"fmt"
+	"net"
 	"net/http"
 	"runtime/debug"
 	"strings"
@@ -37,6 +38,8 @@ type Handler struct {
 	Mode string `json:"mode,omitempty"`
 	// Realm of the WWW-Authenticate challenge. Default: the request host.
 	Realm string `json:"realm,omitempty"`
+	// Policy holds the route's CEL rules: allow_if, deny_if, grant, claim.
+	Policy
 
 	engine     *exchange.Engine
 	grant      exchange.Grant
@@ -60,12 +63,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.engine = app.Engine()
+	rules, err := h.Policy.compile()
+	if err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
 	h.grant = exchange.Grant{
 		Audiences:     h.Audiences,
 		Scopes:        h.Scopes,
 		RequireScopes: h.RequireScopes,
 		Claims:        h.Claims,
 		Impersonate:   h.Mode == "impersonation",
+		Rules:         rules,
 	}
 	// Metrics name a route by its first audience: configured, so bounded.
 	if len(h.Audiences) > 0 {
@@ -144,7 +152,29 @@ func (h *Handler) exchange(r *http.Request, raw string) (minted *exchange.Minted
 		}
 		metrics.duration.WithLabelValues(h.routeLabel).Observe(time.Since(start).Seconds())
 	}()
-	return h.engine.ExchangeBearer(r.Context(), raw, &h.grant)
+	var info *exchange.RequestInfo
+	if h.grant.Rules != nil {
+		info = requestInfo(r)
+	}
+	return h.engine.ExchangeBearer(r.Context(), raw, &h.grant, info)
+}
+
+// requestInfo describes the request for policy rules. Credentials are left
+// out, so no rule can copy the inbound token into a claim.
+func requestInfo(r *http.Request) *exchange.RequestInfo {
+	headers := make(map[string][]string, len(r.Header))
+	for name, values := range r.Header {
+		switch name {
+		case "Authorization", "Proxy-Authorization", "Cookie":
+			continue
+		}
+		headers[name] = values
+	}
+	remote, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		remote = r.RemoteAddr
+	}
+	return &exchange.RequestInfo{Method: r.Method, Host: r.Host, Path: r.URL.Path, RemoteIP: remote, Headers: headers}
 }
 
 // bearerToken extracts the RFC 6750 §2.1 bearer token. It accepts exactly

@@ -71,7 +71,7 @@ func BenchmarkMint(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
-				if _, err := e.Exchange(subject, e.Actor(), benchGrant); err != nil {
+				if _, err := e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor()}, benchGrant); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -86,13 +86,13 @@ func BenchmarkExchangeBearer(b *testing.B) {
 		b.Run("in="+pair[0]+"/out="+pair[1], func(b *testing.B) {
 			e, tok := benchEngine(b, pair[0], pair[1])
 			ctx := context.Background()
-			if _, err := e.ExchangeBearer(ctx, tok, benchGrant); err != nil {
+			if _, err := e.ExchangeBearer(ctx, tok, benchGrant, nil); err != nil {
 				b.Fatal(err)
 			}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for b.Loop() {
-				if _, err := e.ExchangeBearer(ctx, tok, benchGrant); err != nil {
+				if _, err := e.ExchangeBearer(ctx, tok, benchGrant, nil); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -40,7 +40,10 @@ const ClientAssertionTypeJWTBearer = "urn:ietf:params:oauth:client-assertion-typ
 
 // Defaults for client authentication.
 const (
-	DefaultMaxAssertionLifetime = 5 * time.Minute
+	// DefaultMaxAssertionLifetime is generous enough for common client
+	// libraries (zitadel/oidc signs 1h assertions); jti replay protection
+	// holds each assertion until it expires.
+	DefaultMaxAssertionLifetime = time.Hour
 	DefaultMaxReplayEntries     = 100_000
 	DefaultMaxAssertionSize     = 8 << 10
 	defaultSecretCacheSize      = 1000
@@ -80,6 +83,8 @@ type ClientConfig struct {
 	Scopes    []string
 	// MayImpersonate lets the client obtain tokens without act.
 	MayImpersonate bool
+	// Rules is the client's CEL policy (nil: none).
+	Rules *Rules
 }
 
 // ClientOptions tune client authentication.

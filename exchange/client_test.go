@@ -616,7 +616,7 @@ func TestClientAuthenticatePrivateKeyJWT(t *testing.T) {
 			kind: KindInvalidClient, reason: "assertion_missing_exp"},
 		{name: "expired", cred: jwtCred(sign(set(jwt.ExpirationKey, now.Add(-time.Minute)))),
 			kind: KindInvalidClient, reason: "assertion_expired"},
-		{name: "exp too far in the future", cred: jwtCred(sign(set(jwt.ExpirationKey, now.Add(10*time.Minute)))),
+		{name: "exp too far in the future", cred: jwtCred(sign(set(jwt.ExpirationKey, now.Add(DefaultMaxAssertionLifetime+10*time.Minute)))),
 			kind: KindInvalidClient, reason: "assertion_lifetime"},
 		{name: "nbf in the future", cred: jwtCred(sign(set(jwt.NotBeforeKey, now.Add(time.Minute)))),
 			kind: KindInvalidClient, reason: "assertion_not_yet_valid"},

@@ -35,12 +35,12 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	// ever dropped silently. Without any, the client's audiences are used.
 	for _, a := range req.Audiences {
 		if !slices.Contains(cfg.Audiences, a) {
-			return nil, &Error{Kind: KindInvalidTarget, Reason: "invalid_target", Description: "audience " + a + " is not allowed for this client"}
+			return nil, &Error{Kind: KindInvalidTarget, Reason: "invalid_target", Description: "a requested audience is not allowed for this client"}
 		}
 	}
 	for _, r := range req.Resources {
 		if !slices.Contains(cfg.Resources, r) {
-			return nil, &Error{Kind: KindInvalidTarget, Reason: "invalid_target", Description: "resource " + r + " is not allowed for this client"}
+			return nil, &Error{Kind: KindInvalidTarget, Reason: "invalid_target", Description: "a requested resource is not allowed for this client"}
 		}
 	}
 	audiences := append(slices.Clone(req.Audiences), req.Resources...)
@@ -65,12 +65,13 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 
 	actor := Actor{Subject: client.ClientID, ClientID: client.ClientID}
 	impersonate := false
+	var actorSubject *Subject
 	if req.ActorToken != "" {
 		actorType := req.ActorTokenTypeName()
 		if actorType == "refresh_token" || actorType == "saml1" || actorType == "saml2" {
 			return nil, asRequestError(invalidToken("token_type", "actor_token type is not supported"))
 		}
-		actorSubject, err := e.Verify(ctx, req.ActorToken, actorType)
+		actorSubject, err = e.Verify(ctx, req.ActorToken, actorType)
 		if err != nil {
 			return nil, asRequestError(prefixed(AsError(err), "actor_token: "))
 		}
@@ -90,8 +91,8 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	if len(req.Scopes) > 0 {
 		ceiling = IntersectScopes(req.Scopes, cfg.Scopes)
 	}
-	grant := &Grant{Audiences: audiences, Scopes: ceiling, ClientID: client.ClientID, Impersonate: impersonate}
-	minted, err := e.Exchange(subject, actor, grant)
+	grant := &Grant{Audiences: audiences, Scopes: ceiling, ClientID: client.ClientID, Impersonate: impersonate, Rules: cfg.Rules}
+	minted, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, ActorToken: actorSubject, Client: client.ClientID}, grant)
 	if err != nil {
 		return nil, asRequestError(AsError(err))
 	}

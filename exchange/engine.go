@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwt"
@@ -96,6 +97,22 @@ type Grant struct {
 	Impersonate bool
 	// ClientID overrides the minted client_id (the endpoint's client).
 	ClientID string
+	// Rules are the grant's CEL policy (nil: none).
+	Rules *Rules
+}
+
+// ExchangeInput is what one exchange acts on, beyond the grant.
+type ExchangeInput struct {
+	// Subject is the verified subject token.
+	Subject *Subject
+	// Actor is who acts: the gateway, the client, or the actor token's subject.
+	Actor Actor
+	// ActorToken is the verified actor token, if one was presented.
+	ActorToken *Subject
+	// Client is the endpoint's authenticated client_id ("" on the middleware).
+	Client string
+	// Request describes the HTTP request on the middleware (nil on the endpoint).
+	Request *RequestInfo
 }
 
 // Validate checks a grant at configuration time.
@@ -134,8 +151,9 @@ type Minted struct {
 }
 
 // ExchangeBearer is the in-process exchange of the middleware: it verifies a
-// bearer token as an access token and mints for grant with the gateway as actor.
-func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant) (*Minted, error) {
+// bearer token as an access token and mints for grant with the gateway as
+// actor. req describes the HTTP request for policy rules (may be nil).
+func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, req *RequestInfo) (*Minted, error) {
 	if raw == "" {
 		return nil, &Error{Kind: KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
 	}
@@ -143,7 +161,7 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant) (
 	if err != nil {
 		return nil, err
 	}
-	return e.Exchange(subject, e.Actor(), grant)
+	return e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor(), Request: req}, grant)
 }
 
 // Verify checks an inbound token presented as tokenType (a short name).
@@ -152,13 +170,39 @@ func (e *Engine) Verify(ctx context.Context, raw, tokenType string) (*Subject, e
 }
 
 // Exchange applies policy to a verified subject and mints a token for grant.
-func (e *Engine) Exchange(subject *Subject, actor Actor, grant *Grant) (*Minted, error) {
+func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
+	subject, actor := in.Subject, in.Actor
 	if subject.MayAct != nil {
 		if err := mayActPermits(subject.MayAct, actor, e.cfg.Issuer); err != nil {
 			return nil, denied("may_act", "subject token does not permit this actor: %v", err)
 		}
 	}
-	scopes := IntersectScopes(grant.Scopes, subject.Scopes)
+	held := subject.Scopes
+	var computed map[string]any
+	if grant.Rules != nil && !grant.Rules.Empty() {
+		ruleIn := RuleInput{
+			Subject: subject.Claims(),
+			Request: in.Request,
+			Client:  in.Client,
+			Route:   RouteInfo{Audiences: grant.Audiences, Scopes: grant.Scopes},
+		}
+		if in.ActorToken != nil {
+			ruleIn.Actor = in.ActorToken.Claims()
+		}
+		res, err := grant.Rules.Evaluate(ruleIn)
+		if err != nil {
+			return nil, &Error{Kind: KindServer, Reason: "policy", Description: "internal error", Err: err}
+		}
+		if res.Denied {
+			return nil, &Error{Kind: KindDenied, Reason: "policy", Description: "denied by policy: " + res.Reason,
+				Err: ruleErrors(res.Errors)}
+		}
+		// Rule grants add to what the subject holds; the route's (or
+		// client's) scope below still caps them: a rule cannot widen.
+		held = append(slices.Clone(held), res.Granted...)
+		computed = res.Claims
+	}
+	scopes := NarrowScopes(IntersectScopes(grant.Scopes, held), grant.Scopes)
 	if missing := missingScopes(grant.RequireScopes, scopes); len(missing) > 0 {
 		return nil, &Error{Kind: KindInsufficientScope, Reason: "insufficient_scope",
 			Description: "subject token does not hold the required scope " + FormatScope(missing)}
@@ -186,6 +230,11 @@ func (e *Engine) Exchange(subject *Subject, actor Actor, grant *Grant) (*Minted,
 	// Copied claims first, so nothing below can be overridden by them.
 	for _, name := range grant.Claims {
 		if v, ok := subject.Claim(name); ok && !IsRegisteredClaim(name) {
+			set(name, v)
+		}
+	}
+	for name, v := range computed {
+		if !IsRegisteredClaim(name) {
 			set(name, v)
 		}
 	}
@@ -231,6 +280,13 @@ func (e *Engine) Exchange(subject *Subject, actor Actor, grant *Grant) (*Minted,
 		SubjectTokenHash: subject.TokenHash,
 		ActChain:         act,
 	}, nil
+}
+
+func ruleErrors(msgs []string) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	return errors.New(strings.Join(msgs, "; "))
 }
 
 func newJTI() (string, error) {

@@ -59,7 +59,7 @@ func TestExchangeMintsDelegatedToken(t *testing.T) {
 				Scopes:    []string{"orders.read", "orders.write"},
 				Claims:    []string{"email", "missing"},
 			}
-			m, err := f.engine.ExchangeBearer(context.Background(), inbound, grant)
+			m, err := f.engine.ExchangeBearer(context.Background(), inbound, grant, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -104,7 +104,7 @@ func TestExchangeMintsDelegatedToken(t *testing.T) {
 func TestExchangeExpiryNeverPastSubject(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
 	subjectExp := time.Now().Add(90 * time.Second).Truncate(time.Second)
-	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"exp": subjectExp.Unix()}), &Grant{Audiences: []string{"x"}})
+	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"exp": subjectExp.Unix()}), &Grant{Audiences: []string{"x"}}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +118,7 @@ func TestExchangeJTIsAreUnique(t *testing.T) {
 	tok := f.idp.Token(f.kid, nil)
 	seen := map[string]bool{}
 	for i := 0; i < 100; i++ {
-		m, err := f.engine.ExchangeBearer(context.Background(), tok, &Grant{Audiences: []string{"x"}})
+		m, err := f.engine.ExchangeBearer(context.Background(), tok, &Grant{Audiences: []string{"x"}}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -153,7 +153,7 @@ func TestExchangeScopePolicy(t *testing.T) {
 				c["scope"] = tc.subjectScope
 			}
 			m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, c),
-				&Grant{Audiences: []string{"x"}, Scopes: tc.route, RequireScopes: tc.require})
+				&Grant{Audiences: []string{"x"}, Scopes: tc.route, RequireScopes: tc.require}, nil)
 			if tc.wantKind != 0 {
 				if e := AsError(err); e.Kind != tc.wantKind {
 					t.Fatalf("err = %v, want kind %d", err, tc.wantKind)
@@ -191,7 +191,7 @@ func TestExchangeMayAct(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"may_act": tc.mayAct}), &Grant{Audiences: []string{"x"}})
+			_, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"may_act": tc.mayAct}), &Grant{Audiences: []string{"x"}}, nil)
 			if tc.ok && err != nil {
 				t.Fatalf("refused: %v", err)
 			}
@@ -206,7 +206,7 @@ func TestExchangeMayAct(t *testing.T) {
 
 func TestExchangeImpersonationHasNoAct(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
-	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, nil), &Grant{Audiences: []string{"x"}, Impersonate: true})
+	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, nil), &Grant{Audiences: []string{"x"}, Impersonate: true}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +218,7 @@ func TestExchangeImpersonationHasNoAct(t *testing.T) {
 
 func TestExchangeMissingToken(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
-	_, err := f.engine.ExchangeBearer(context.Background(), "", &Grant{Audiences: []string{"x"}})
+	_, err := f.engine.ExchangeBearer(context.Background(), "", &Grant{Audiences: []string{"x"}}, nil)
 	if e := AsError(err); e.Kind != KindMissingToken {
 		t.Fatalf("err = %v", err)
 	}
