@@ -217,3 +217,12 @@ func TestUnmarshalHandlerDirective(t *testing.T) {
 		t.Fatalf("got %+v", h)
 	}
 }
+
+func mustJSON(t *testing.T, v any) string {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}

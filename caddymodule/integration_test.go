@@ -110,7 +110,12 @@ func (g *gateway) metrics(t *testing.T) string {
 // startGateway runs real Caddy in-process with the module, trusting a real
 // IdP whose JWKS is served over HTTP, in front of a real upstream.
 func startGateway(t *testing.T, routeBlock string) *gateway {
-	// routeBlock is what the /api/* route runs before reverse_proxy.
+	return startGatewayWithTrust(t, "", routeBlock)
+}
+
+// startGatewayWithTrust is startGateway with extra lines in the IdP's trust
+// block. routeBlock is what the /api/* route runs before reverse_proxy.
+func startGatewayWithTrust(t *testing.T, trustExtra, routeBlock string) *gateway {
 	t.Helper()
 	idp := testidp.New(t, "https://idp.test")
 	idp.AddKey("rsa-1", "RS256")
@@ -133,6 +138,7 @@ func startGateway(t *testing.T, routeBlock string) *gateway {
 			audience https://gateway.test
 			algorithms RS256 ES256
 			refetch_interval 1h
+			%s
 		}
 	}
 }
@@ -145,7 +151,7 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, gatewayPort, logFile, t.TempDir(), gatewayIssuer, idp.JWKSURL(), gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
+`, gatewayPort, logFile, t.TempDir(), gatewayIssuer, idp.JWKSURL(), trustExtra, gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
 	tester := caddytest.NewTester(t)
 	tester.InitServer(config, "caddyfile")
 	return &gateway{tester: tester, idp: idp, upstream: upstream, logFile: logFile}
