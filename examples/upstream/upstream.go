@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -39,8 +40,8 @@ type Upstream struct {
 	JWKSURL string `json:"jwks_url"`
 	// Issuer is the gateway's issuer.
 	Issuer string `json:"issuer"`
-	// Audience this API accepts.
-	Audience string `json:"audience"`
+	// Audiences this API accepts (one must be in the token's aud).
+	Audiences []string `json:"audiences"`
 
 	cache  *jwk.Cache
 	cancel context.CancelFunc
@@ -54,7 +55,7 @@ func (Upstream) CaddyModule() caddy.ModuleInfo {
 // Provision registers the JWKS without waiting: the gateway may be the very
 // server that is starting.
 func (u *Upstream) Provision(ctx caddy.Context) error {
-	if u.JWKSURL == "" || u.Issuer == "" || u.Audience == "" {
+	if u.JWKSURL == "" || u.Issuer == "" || len(u.Audiences) == 0 {
 		return fmt.Errorf("demo_upstream needs jwks_url, issuer and audience")
 	}
 	cctx, cancel := context.WithCancel(ctx)
@@ -97,9 +98,14 @@ func (u *Upstream) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 	tok, err := jwt.Parse([]byte(raw),
 		jwt.WithKeySet(set, jws.WithRequireKid(true)),
 		jwt.WithIssuer(u.Issuer),
-		jwt.WithAudience(u.Audience),
 		jwt.WithAcceptableSkew(5*time.Second),
 	)
+	if err == nil {
+		aud, _ := tok.Audience()
+		if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(u.Audiences, a) }) {
+			err = fmt.Errorf("aud %v is not this API's", aud)
+		}
+	}
 	if err != nil {
 		w.WriteHeader(http.StatusUnauthorized)
 		return json.NewEncoder(w).Encode(map[string]string{"error": "token rejected: " + err.Error()})
@@ -132,7 +138,7 @@ func (u *Upstream) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 //	demo_upstream {
 //	    jwks_url <url>
 //	    issuer <issuer>
-//	    audience <audience>
+//	    audience <audience...>
 //	}
 func (u *Upstream) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next()
@@ -147,7 +153,8 @@ func (u *Upstream) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "issuer":
 			u.Issuer = d.Val()
 		case "audience":
-			u.Audience = d.Val()
+			u.Audiences = append(u.Audiences, d.Val())
+			u.Audiences = append(u.Audiences, d.RemainingArgs()...)
 		default:
 			return d.Errf("unrecognized demo_upstream subdirective '%s'", key)
 		}
