@@ -165,6 +165,7 @@ type registeredClient struct {
 type clientKeys struct {
 	url             string
 	cache           *jwk.Cache
+	resource        *httprc.ResourceBase[jwk.Set]
 	static          *keyIndex
 	index           atomic.Pointer[keyIndex]
 	refetchInterval time.Duration
@@ -254,6 +255,9 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 				jwk.WithMinInterval(defaultJWKSMinRefresh),
 				jwk.WithMaxInterval(defaultJWKSMaxRefresh),
 			)
+			if err == nil {
+				ck.resource, err = cache.LookupResource(cctx, u)
+			}
 			if err != nil {
 				c.Close()
 				return nil, fmt.Errorf("registering client jwks_url %s: %w", u, err)
@@ -600,8 +604,8 @@ func (ck *clientKeys) keys(ctx context.Context) *keyIndex {
 	if ck.static != nil {
 		return ck.static
 	}
-	set, err := ck.cache.Lookup(ctx, ck.url)
-	if err != nil {
+	set := ck.resource.Resource()
+	if set == nil {
 		return nil
 	}
 	if idx := ck.index.Load(); idx != nil && idx.set == set {

@@ -25,16 +25,23 @@ func checkStrictJSON(b []byte) error {
 		wantKey bool
 	}
 	var stack []frame
+	values := 0
 	for {
 		tok, err := dec.Token()
 		if err == io.EOF {
-			if len(stack) != 0 {
-				return errors.New("truncated JSON")
+			if len(stack) != 0 || values != 1 {
+				return errors.New("not exactly one JSON value")
 			}
 			return nil
 		}
 		if err != nil {
 			return err
+		}
+		if len(stack) == 0 {
+			// a new top-level value begins
+			if values++; values > 1 {
+				return errors.New("more than one JSON value")
+			}
 		}
 		top := len(stack) - 1
 		switch t := tok.(type) {

@@ -19,6 +19,9 @@ func TestCheckStrictJSON(t *testing.T) {
 		`{"a":[{"x":1,"x":2}]}`,
 		"{\"sub\":\"\xff\"}",
 		`{"a":1`,
+		``,
+		`{}{}`,
+		`{} 1`,
 	}
 	for _, s := range bad {
 		if err := checkStrictJSON([]byte(s)); err == nil {

@@ -125,6 +125,7 @@ type trustedIssuer struct {
 	tokenTypes []string
 	scopeClaim string
 	cache      *jwk.Cache
+	resource   *httprc.ResourceBase[jwk.Set]
 	staticSet  jwk.Set
 	index      atomic.Pointer[keyIndex]
 	logger     *zap.Logger
@@ -227,6 +228,11 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 				jwk.WithMinInterval(defaultJWKSMinRefresh),
 				jwk.WithMaxInterval(defaultJWKSMaxRefresh),
 			)
+			if err == nil {
+				// Read the set through the resource itself (an atomic load)
+				// rather than jwk.Cache.Lookup, a round trip to one goroutine.
+				ti.resource, err = cache.LookupResource(cctx, ti.cfg.JWKSURL)
+			}
 			if err != nil {
 				ts.Close()
 				return nil, fmt.Errorf("trusted issuer %q: registering jwks_url: %w", ti.cfg.Issuer, err)
@@ -322,11 +328,7 @@ func (ti *trustedIssuer) currentSet(ctx context.Context) jwk.Set {
 	if ti.staticSet != nil {
 		return ti.staticSet
 	}
-	set, err := ti.cache.Lookup(ctx, ti.cfg.JWKSURL)
-	if err != nil {
-		return nil
-	}
-	return set
+	return ti.resource.Resource()
 }
 
 // keys returns the indexed public keys of the issuer's current set.

@@ -131,6 +131,15 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, invalidToken("bad_algorithm", "token algorithm is not accepted")
 	}
 
+	// The signature is decoded again by jws; checking it strictly here means
+	// no two spellings of one signature both verify.
+	var sigBuf [1024]byte
+	if len(s64) > base64.RawURLEncoding.EncodedLen(len(sigBuf)) {
+		return nil, invalidToken("malformed", "token signature is too long")
+	}
+	if _, err := base64.RawURLEncoding.Strict().Decode(sigBuf[:], []byte(s64)); err != nil {
+		return nil, invalidToken("malformed", "token signature is not valid base64url")
+	}
 	payload, err := base64.RawURLEncoding.Strict().DecodeString(p64)
 	if err != nil {
 		return nil, invalidToken("malformed", "token payload is not valid base64url")
