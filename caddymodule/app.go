@@ -62,6 +62,11 @@ type App struct {
 	// assertion's exp may lie (default 1h).
 	MaxAssertionLifetime caddy.Duration `json:"max_assertion_lifetime,omitempty"`
 
+	// CacheSize bounds the cache of minted tokens (default 10000 entries).
+	CacheSize int `json:"cache_size,omitempty"`
+	// CacheOff disables the cache of minted tokens.
+	CacheOff bool `json:"cache_off,omitempty"`
+
 	// JWKSFetchTimeout bounds one JWKS fetch (default 5s).
 	JWKSFetchTimeout caddy.Duration `json:"jwks_fetch_timeout,omitempty"`
 
@@ -208,6 +213,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Actor:         a.Actor,
 		TokenLifetime: time.Duration(a.TokenLifetime),
 		MaxActDepth:   a.MaxActDepth,
+		CacheSize:     a.CacheSize,
+		DisableCache:  a.CacheOff,
 	}, trust, signer)
 	if err != nil {
 		_ = trust.Close()

@@ -37,6 +37,8 @@ func init() {
 //	    token_lifetime <duration>
 //	    clock_skew <duration>
 //	    max_token_size <bytes>
+//	    cache_size <entries>
+//	    cache on|off
 //	    max_act_depth <n>
 //	    jwks_fetch_timeout <duration>
 //	    max_assertion_lifetime <duration>
@@ -110,6 +112,19 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &a.TokenEndpoint)
 		case "jwks_uri":
 			err = oneArg(d, &a.JWKSURI)
+		case "cache_size":
+			err = intArg(d, &a.CacheSize)
+		case "cache":
+			var v string
+			if err = oneArg(d, &v); err == nil {
+				switch v {
+				case "off":
+					a.CacheOff = true
+				case "on":
+				default:
+					return d.Errf("cache takes on or off, not '%s'", v)
+				}
+			}
 		case "max_token_size":
 			err = intArg(d, &a.MaxTokenSize)
 		case "max_act_depth":

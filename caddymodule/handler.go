@@ -128,6 +128,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	repl.Set("token_exchange.jti", minted.JTI)
 
 	metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK).Inc()
+	if h.engine.Cache() != nil {
+		if minted.Cached {
+			metrics.cache.WithLabelValues("hit").Inc()
+		} else {
+			metrics.cache.WithLabelValues("miss").Inc()
+		}
+	}
 	h.logger.Info("token exchanged",
 		zap.String("sub", minted.Subject),
 		zap.Any("act", minted.ActChain),
@@ -136,7 +143,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		zap.String("jti", minted.JTI),
 		zap.String("subject_issuer", minted.SubjectIssuer),
 		zap.String("subject_token_sha256", minted.SubjectTokenHash),
-		zap.Time("exp", minted.Expiry))
+		zap.Time("exp", minted.Expiry),
+		zap.Bool("cached", minted.Cached))
 	return next.ServeHTTP(w, r)
 }
 

@@ -37,6 +37,10 @@ type EngineConfig struct {
 	MaxActDepth int
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// CacheSize bounds the minted-token cache (default DefaultCacheMaxEntries);
+	// DisableCache turns it off.
+	CacheSize    int
+	DisableCache bool
 }
 
 // Engine is the one exchange engine both front doors share: it verifies
@@ -45,6 +49,7 @@ type Engine struct {
 	cfg    EngineConfig
 	trust  *TrustStore
 	signer *Signer
+	cache  *Cache
 }
 
 // NewEngine checks the configuration and assembles an engine.
@@ -67,8 +72,15 @@ func NewEngine(cfg EngineConfig, trust *TrustStore, signer *Signer) (*Engine, er
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &Engine{cfg: cfg, trust: trust, signer: signer}, nil
+	e := &Engine{cfg: cfg, trust: trust, signer: signer}
+	if !cfg.DisableCache {
+		e.cache = NewCache(CacheConfig{MaxEntries: cfg.CacheSize, Now: cfg.Now})
+	}
+	return e, nil
 }
+
+// Cache is the minted-token cache (nil when disabled).
+func (e *Engine) Cache() *Cache { return e.cache }
 
 // Issuer is the iss of minted tokens.
 func (e *Engine) Issuer() string { return e.cfg.Issuer }
@@ -99,6 +111,10 @@ type Grant struct {
 	ClientID string
 	// Rules are the grant's CEL policy (nil: none).
 	Rules *Rules
+
+	// cacheID names everything above that shapes a minted token; empty
+	// means the grant's results are not cacheable. Set by Validate.
+	cacheID string
 }
 
 // ExchangeInput is what one exchange acts on, beyond the grant.
@@ -130,7 +146,36 @@ func (g *Grant) Validate() error {
 			return fmt.Errorf("require_scope %q is not among the scopes this route delegates", s)
 		}
 	}
+	g.cacheID = g.identity()
 	return nil
+}
+
+// identity is the cache identity of a grant: every field that shapes the
+// minted token, length-prefixed by NewCacheKey's encoding of each part. A
+// grant whose rules read the request is not cacheable (""): its result can
+// differ between two requests with the same token.
+func (g *Grant) identity() string {
+	if g.Rules != nil && g.Rules.readsRequest() {
+		return ""
+	}
+	var b strings.Builder
+	part := func(name string, vals ...string) {
+		fmt.Fprintf(&b, "%s=%d", name, len(vals))
+		for _, v := range vals {
+			fmt.Fprintf(&b, ":%d:%s", len(v), v)
+		}
+		b.WriteByte(';')
+	}
+	part("aud", g.Audiences...)
+	part("scope", g.Scopes...)
+	part("require", g.RequireScopes...)
+	part("claims", g.Claims...)
+	part("impersonate", fmt.Sprint(g.Impersonate))
+	part("client", g.ClientID)
+	if g.Rules != nil {
+		part("rules", g.Rules.fingerprint()...)
+	}
+	return b.String()
 }
 
 // Minted is the outcome of a successful exchange.
@@ -148,6 +193,8 @@ type Minted struct {
 	SubjectTokenHash string
 	// ActChain is the minted act claim (nil under impersonation).
 	ActChain map[string]any
+	// Cached tells that this result came from the minted-token cache.
+	Cached bool
 }
 
 // ExchangeBearer is the in-process exchange of the middleware: it verifies a
@@ -157,11 +204,43 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, r
 	if raw == "" {
 		return nil, &Error{Kind: KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
 	}
-	subject, err := e.Verify(ctx, raw, "access_token")
+	mint := func() (*Minted, *Subject, error) {
+		subject, err := e.Verify(ctx, raw, "access_token")
+		if err != nil {
+			return nil, nil, err
+		}
+		m, err := e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor(), Request: req}, grant)
+		return m, subject, err
+	}
+	if e.cache == nil || grant.cacheID == "" {
+		m, _, err := mint()
+		return m, err
+	}
+
+	// The same immutable token, for the same grant, was already verified and
+	// exchanged: reuse the result while it is fresh and the issuer still
+	// publishes the key that verified it.
+	key := NewCacheKey(raw, e.cfg.Actor, grant.cacheID)
+	mintEntry := func() (*CachedToken, error) {
+		m, subject, err := mint()
+		if err != nil {
+			return nil, err
+		}
+		return &CachedToken{Minted: m, Issuer: subject.Issuer, KeyID: subject.KeyID, SubjectExpiry: subject.Expiry}, nil
+	}
+	ct, hit, err := e.cache.GetOrMint(key, mintEntry)
+	if err == nil && hit && !e.trust.hasKey(ct.Issuer, ct.KeyID) {
+		e.cache.Delete(key)
+		ct, hit, err = e.cache.GetOrMint(key, mintEntry)
+	}
 	if err != nil {
 		return nil, err
 	}
-	return e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor(), Request: req}, grant)
+	if hit {
+		// a hit is a fresh copy; a miss may be shared with concurrent waiters
+		ct.Minted.Cached = true
+	}
+	return ct.Minted, nil
 }
 
 // Verify checks an inbound token presented as tokenType (a short name).

@@ -126,6 +126,40 @@ type Rules struct {
 	grants  []*compiledGrant
 	claims  []*compiledClaim
 	adapter types.Adapter
+	cfg     RuleConfig
+}
+
+// expressions lists every expression, tagged by its kind.
+func (r *Rules) expressions() []string {
+	var out []string
+	for _, e := range r.cfg.AllowIf {
+		out = append(out, "allow_if "+e)
+	}
+	for _, e := range r.cfg.DenyIf {
+		out = append(out, "deny_if "+e)
+	}
+	for _, g := range r.cfg.Grants {
+		out = append(out, "grant "+strings.Join(g.Scopes, " ")+" if "+g.If)
+	}
+	for _, c := range r.cfg.Claims {
+		out = append(out, "claim "+c.Name+" "+c.Expr)
+	}
+	return out
+}
+
+// fingerprint identifies the rules for the minted-token cache.
+func (r *Rules) fingerprint() []string { return r.expressions() }
+
+// readsRequest tells whether any expression may read the request variable.
+// It errs on the side of yes (a mere mention counts), since a result that
+// depends on the request must not be cached per token.
+func (r *Rules) readsRequest() bool {
+	for _, e := range r.expressions() {
+		if strings.Contains(e, "request") {
+			return true
+		}
+	}
+	return false
 }
 
 type compiledRule struct {
@@ -170,7 +204,7 @@ func CompileRules(cfg RuleConfig) (*Rules, error) {
 	if limit == 0 {
 		limit = DefaultRuleCostLimit
 	}
-	r := &Rules{adapter: env.CELTypeAdapter()}
+	r := &Rules{adapter: env.CELTypeAdapter(), cfg: cfg}
 
 	compile := func(kind, expr string, wantBool bool) (*compiledRule, error) {
 		label := fmt.Sprintf("%s %q", kind, expr)

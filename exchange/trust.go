@@ -365,6 +365,25 @@ func (ti *trustedIssuer) keys(ctx context.Context) *keyIndex {
 	return idx
 }
 
+// hasKey tells whether issuer still publishes a key with kid: a cached
+// exchange is reused only while the key that verified its subject remains.
+func (ts *TrustStore) hasKey(issuer, kid string) bool {
+	ti, ok := ts.issuers[issuer]
+	if !ok {
+		return false
+	}
+	idx := ti.keys(context.Background())
+	if idx == nil {
+		return false
+	}
+	for _, k := range idx.keys {
+		if k.kid == kid {
+			return true
+		}
+	}
+	return false
+}
+
 // find picks the key for kid that fits alg. An empty kid is accepted only when
 // exactly one key of the set fits, so the header never chooses among several.
 func (idx *keyIndex) find(kid, alg string) (any, bool) {

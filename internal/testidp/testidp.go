@@ -176,6 +176,19 @@ func RawToken(header, payload map[string]any, sign func(signingInput []byte) []b
 
 func B64(b []byte) string { return base64.RawURLEncoding.EncodeToString(b) }
 
+// Withdraw removes kid from the published JWKS.
+func (ti *Issuer) Withdraw(kid string) {
+	ti.mu.Lock()
+	defer ti.mu.Unlock()
+	out := ti.public[:0]
+	for _, k := range ti.public {
+		if k != kid {
+			out = append(out, k)
+		}
+	}
+	ti.public = out
+}
+
 // PrivateKey returns the private key published under kid.
 func (ti *Issuer) PrivateKey(kid string) crypto.Signer {
 	ti.mu.Lock()
