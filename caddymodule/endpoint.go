@@ -132,7 +132,7 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 		zap.String("client_id", client.ClientID),
 		zap.String("client_auth", client.Method),
 		zap.String("sub", m.Subject),
-		zap.Any("act", m.ActChain),
+		zap.String("act", actChain(m.ActChain)),
 		zap.Strings("aud", m.Audiences),
 		zap.String("scope", exchange.FormatScope(m.Scopes)),
 		zap.String("jti", m.JTI),

@@ -10,7 +10,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
 )
@@ -45,6 +47,12 @@ type Handler struct {
 	grant      exchange.Grant
 	routeLabel string
 	logger     *zap.Logger
+
+	// metric children, resolved once: the hot path does no label lookups
+	okCount   prometheus.Counter
+	hitCount  prometheus.Counter
+	missCount prometheus.Counter
+	duration  prometheus.Observer
 }
 
 // CaddyModule returns the Caddy module information.
@@ -79,6 +87,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if len(h.Audiences) > 0 {
 		h.routeLabel = h.Audiences[0]
 	}
+	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)
+	h.hitCount = metrics.cache.WithLabelValues("hit")
+	h.missCount = metrics.cache.WithLabelValues("miss")
+	h.duration = metrics.duration.WithLabelValues(h.routeLabel)
 	return nil
 }
 
@@ -119,32 +131,47 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	r.Header.Set("Authorization", "Bearer "+minted.Token)
 
+	// Placeholders are resolved lazily: most requests never read them.
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	scope := exchange.FormatScope(minted.Scopes)
-	repl.Set("http.auth.user.id", minted.Subject)
-	repl.Set("token_exchange.subject", minted.Subject)
-	repl.Set("token_exchange.actor", minted.Actor.String())
-	repl.Set("token_exchange.scope", scope)
-	repl.Set("token_exchange.jti", minted.JTI)
+	repl.Map(func(key string) (any, bool) {
+		switch key {
+		case "http.auth.user.id", "token_exchange.subject":
+			return minted.Subject, true
+		case "token_exchange.actor":
+			return minted.Actor.String(), true
+		case "token_exchange.scope":
+			return exchange.FormatScope(minted.Scopes), true
+		case "token_exchange.jti":
+			return minted.JTI, true
+		}
+		return nil, false
+	})
 
-	metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK).Inc()
+	h.okCount.Inc()
 	if h.engine.Cache() != nil {
 		if minted.Cached {
-			metrics.cache.WithLabelValues("hit").Inc()
+			h.hitCount.Inc()
 		} else {
-			metrics.cache.WithLabelValues("miss").Inc()
+			h.missCount.Inc()
 		}
 	}
-	h.logger.Info("token exchanged",
-		zap.String("sub", minted.Subject),
-		zap.Any("act", minted.ActChain),
-		zap.Strings("aud", minted.Audiences),
-		zap.String("scope", scope),
-		zap.String("jti", minted.JTI),
-		zap.String("subject_issuer", minted.SubjectIssuer),
-		zap.String("subject_token_sha256", minted.SubjectTokenHash),
-		zap.Time("exp", minted.Expiry),
-		zap.Bool("cached", minted.Cached))
+	// The audit line: every minted token is logged once, when it is minted;
+	// a cache hit reuses that token (same jti) and is logged at debug level.
+	msg, level := "token exchanged", zapcore.InfoLevel
+	if minted.Cached {
+		msg, level = "token exchange reused from cache", zapcore.DebugLevel
+	}
+	if ce := h.logger.Check(level, msg); ce != nil {
+		ce.Write(
+			zap.String("sub", minted.Subject),
+			zap.String("act", actChain(minted.ActChain)),
+			zap.Strings("aud", minted.Audiences),
+			zap.String("scope", exchange.FormatScope(minted.Scopes)),
+			zap.String("jti", minted.JTI),
+			zap.String("subject_issuer", minted.SubjectIssuer),
+			zap.String("subject_token_sha256", minted.SubjectTokenHash),
+			zap.Time("exp", minted.Expiry))
+	}
 	return next.ServeHTTP(w, r)
 }
 
@@ -158,7 +185,7 @@ func (h *Handler) exchange(r *http.Request, raw string) (minted *exchange.Minted
 				zap.String("subject_token_sha256", exchange.HashToken(raw)))
 			minted, err = nil, &exchange.Error{Kind: exchange.KindServer, Reason: "panic", Description: "internal error"}
 		}
-		metrics.duration.WithLabelValues(h.routeLabel).Observe(time.Since(start).Seconds())
+		h.duration.Observe(time.Since(start).Seconds())
 	}()
 	var info *exchange.RequestInfo
 	if h.grant.Rules != nil {
@@ -183,6 +210,24 @@ func requestInfo(r *http.Request) *exchange.RequestInfo {
 		remote = r.RemoteAddr
 	}
 	return &exchange.RequestInfo{Method: r.Method, Host: r.Host, Path: r.URL.Path, RemoteIP: remote, Headers: headers}
+}
+
+// actChain renders an act claim for logs, outermost actor first:
+// "gateway > frontend". Cheaper than reflecting over the map.
+func actChain(act map[string]any) string {
+	var b strings.Builder
+	for act != nil {
+		if b.Len() > 0 {
+			b.WriteString(" > ")
+		}
+		if sub, ok := act["sub"].(string); ok {
+			b.WriteString(sub)
+		} else if id, ok := act["client_id"].(string); ok {
+			b.WriteString(id)
+		}
+		act, _ = act["act"].(map[string]any)
+	}
+	return b.String()
 }
 
 // bearerToken extracts the RFC 6750 §2.1 bearer token. It accepts exactly
