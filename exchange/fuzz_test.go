@@ -1,8 +1,12 @@
 package exchange
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -10,6 +14,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
 )
@@ -84,10 +89,77 @@ func FuzzCheckStrictJSON(f *testing.F) {
 		f.Add([]byte(seed))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if checkStrictJSON(b) == nil && !json.Valid(b) {
-			t.Fatalf("accepted invalid JSON %q", b)
+		// Syntax is json.Unmarshal's job; on valid JSON the fast checker must
+		// agree with the obvious (slow) one.
+		if !json.Valid(b) {
+			_ = checkStrictJSON(b)
+			return
+		}
+		fast, slow := checkStrictJSON(b) == nil, referenceStrictJSON(b) == nil
+		if fast != slow {
+			t.Fatalf("checkStrictJSON=%v reference=%v on %q", fast, slow, b)
 		}
 	})
+}
+
+// referenceStrictJSON is the obvious implementation: walk encoding/json's
+// tokens with a set of member names per object.
+func referenceStrictJSON(b []byte) error {
+	if !utf8.Valid(b) {
+		return errors.New("not valid UTF-8")
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	type frame struct {
+		keys    map[string]bool
+		wantKey bool
+	}
+	var stack []*frame
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var top *frame
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		switch t := tok.(type) {
+		case json.Delim:
+			switch t {
+			case '{':
+				if top != nil && top.keys != nil {
+					top.wantKey = true
+				}
+				stack = append(stack, &frame{keys: map[string]bool{}, wantKey: true})
+			case '[':
+				if top != nil && top.keys != nil {
+					top.wantKey = true
+				}
+				stack = append(stack, &frame{})
+			default:
+				stack = stack[:len(stack)-1]
+			}
+		case string:
+			if top != nil && top.keys != nil && top.wantKey {
+				if top.keys[t] {
+					return fmt.Errorf("duplicate %q", t)
+				}
+				top.keys[t] = true
+				top.wantKey = false
+				continue
+			}
+			if top != nil && top.keys != nil {
+				top.wantKey = true
+			}
+		default:
+			if top != nil && top.keys != nil {
+				top.wantKey = true
+			}
+		}
+	}
 }
 
 // FuzzVerify feeds arbitrary bytes down the inbound-token path: bytes in,

@@ -5,77 +5,132 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"unicode/utf8"
 )
 
 // checkStrictJSON refuses what encoding/json would silently accept in a JOSE
 // header or claims set: invalid UTF-8 (which it replaces with U+FFFD) and
 // duplicate member names (where it keeps the last, so two parsers can read
-// two different tokens; RFC 7515 §5.2 and RFC 7519 §4 say reject).
+// two different tokens; RFC 7515 §5.2 and RFC 7519 §4 say reject). It also
+// requires exactly one JSON value. It is a single pass without allocations
+// for ordinary claims sets; full syntax is left to json.Unmarshal, which
+// runs after it.
 func checkStrictJSON(b []byte) error {
 	if !utf8.Valid(b) {
 		return errors.New("not valid UTF-8")
 	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.UseNumber()
 	type frame struct {
-		keys    map[string]struct{}
-		isObj   bool
-		wantKey bool
+		isObj     bool
+		expectKey bool
+		keys      [][]byte
+		keySet    map[string]struct{}
 	}
-	var stack []frame
+	var stackBuf [8]frame
+	stack := stackBuf[:0]
 	values := 0
-	for {
-		tok, err := dec.Token()
-		if err == io.EOF {
-			if len(stack) != 0 || values != 1 {
-				return errors.New("not exactly one JSON value")
-			}
-			return nil
-		}
-		if err != nil {
-			return err
-		}
+	i := skipSpace(b, 0)
+	for i < len(b) {
 		if len(stack) == 0 {
-			// a new top-level value begins
 			if values++; values > 1 {
 				return errors.New("more than one JSON value")
 			}
 		}
-		top := len(stack) - 1
-		switch t := tok.(type) {
-		case json.Delim:
-			switch t {
-			case '{':
-				if top >= 0 && stack[top].isObj {
-					stack[top].wantKey = true
-				}
-				stack = append(stack, frame{keys: map[string]struct{}{}, isObj: true, wantKey: true})
-			case '[':
-				if top >= 0 && stack[top].isObj {
-					stack[top].wantKey = true
-				}
-				stack = append(stack, frame{})
-			case '}', ']':
-				stack = stack[:top]
+		c := b[i]
+		switch {
+		case c == '{' || c == '[':
+			stack = append(stack, frame{isObj: c == '{', expectKey: c == '{'})
+			i++
+		case c == '}' || c == ']':
+			if len(stack) == 0 || stack[len(stack)-1].isObj != (c == '}') {
+				return errors.New("unbalanced JSON")
 			}
-		case string:
-			if top >= 0 && stack[top].isObj && stack[top].wantKey {
-				if _, dup := stack[top].keys[t]; dup {
-					return fmt.Errorf("duplicate member %q", t)
+			stack = stack[:len(stack)-1]
+			i++
+		case c == ',':
+			if len(stack) > 0 && stack[len(stack)-1].isObj {
+				stack[len(stack)-1].expectKey = true
+			}
+			i++
+		case c == ':':
+			i++
+		case c == '"':
+			end, escaped, err := scanString(b, i)
+			if err != nil {
+				return err
+			}
+			if top := len(stack) - 1; top >= 0 && stack[top].isObj && stack[top].expectKey {
+				key := b[i+1 : end-1]
+				if escaped {
+					var s string
+					if err := json.Unmarshal(b[i:end], &s); err != nil {
+						return err
+					}
+					key = []byte(s)
 				}
-				stack[top].keys[t] = struct{}{}
-				stack[top].wantKey = false
-				continue
+				f := &stack[top]
+				if f.keySet == nil && len(f.keys) < 32 {
+					for _, k := range f.keys {
+						if bytes.Equal(k, key) {
+							return fmt.Errorf("duplicate member %s", b[i:end])
+						}
+					}
+					f.keys = append(f.keys, key)
+				} else {
+					if f.keySet == nil {
+						f.keySet = make(map[string]struct{}, 64)
+						for _, k := range f.keys {
+							f.keySet[string(k)] = struct{}{}
+						}
+					}
+					if _, dup := f.keySet[string(key)]; dup {
+						return fmt.Errorf("duplicate member %s", b[i:end])
+					}
+					f.keySet[string(key)] = struct{}{}
+				}
+				f.expectKey = false
 			}
-			if top >= 0 && stack[top].isObj {
-				stack[top].wantKey = true
-			}
+			i = end
 		default:
-			if top >= 0 && stack[top].isObj {
-				stack[top].wantKey = true
+			// a literal or number: skip to the next structural character
+			for i < len(b) && !isJSONDelimiter(b[i]) {
+				i++
 			}
 		}
+		i = skipSpace(b, i)
 	}
+	if len(stack) != 0 || values != 1 {
+		return errors.New("not exactly one JSON value")
+	}
+	return nil
+}
+
+// scanString returns the index just past the string starting at b[i] (a
+// quote), and whether it holds escapes.
+func scanString(b []byte, i int) (int, bool, error) {
+	escaped := false
+	for j := i + 1; j < len(b); j++ {
+		switch b[j] {
+		case '\\':
+			escaped = true
+			j++
+		case '"':
+			return j + 1, escaped, nil
+		}
+	}
+	return 0, false, errors.New("unterminated string")
+}
+
+func isJSONDelimiter(c byte) bool {
+	switch c {
+	case ' ', '\t', '\r', '\n', ',', ':', '[', ']', '{', '}', '"':
+		return true
+	}
+	return false
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\r' || b[i] == '\n') {
+		i++
+	}
+	return i
 }

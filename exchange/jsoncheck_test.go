@@ -1,6 +1,10 @@
 package exchange
 
-import "testing"
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
 
 func TestCheckStrictJSON(t *testing.T) {
 	ok := []string{
@@ -27,5 +31,26 @@ func TestCheckStrictJSON(t *testing.T) {
 		if err := checkStrictJSON([]byte(s)); err == nil {
 			t.Errorf("%q accepted", s)
 		}
+	}
+}
+
+func TestCheckStrictJSONEscapedAndManyKeys(t *testing.T) {
+	if err := checkStrictJSON([]byte(`{"sub":"a","s\u0075b":"b"}`)); err == nil {
+		t.Error("escaped duplicate accepted")
+	}
+	if err := checkStrictJSON([]byte(`{"a\"b":1,"a\"c":2,"s":"x\\"}`)); err != nil {
+		t.Errorf("escapes in keys and values: %v", err)
+	}
+	var b strings.Builder
+	b.WriteString("{")
+	for i := 0; i < 100; i++ {
+		fmt.Fprintf(&b, `"k%d":%d,`, i, i)
+	}
+	b.WriteString(`"k7":1}`)
+	if err := checkStrictJSON([]byte(b.String())); err == nil {
+		t.Error("duplicate among many keys accepted")
+	}
+	if err := checkStrictJSON([]byte(`{"a":[1,2,{"b":true,"c":null}],"d":-1.5e3}`)); err != nil {
+		t.Errorf("valid: %v", err)
 	}
 }
