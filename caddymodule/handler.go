@@ -114,13 +114,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ferr != nil {
 		return h.refuse(w, r, "", ferr)
 	}
-	minted, err := h.exchange(r, raw)
-	if err != nil {
-		return h.refuse(w, r, raw, exchange.AsError(err))
-	}
-
-	// The inbound token must not travel any further: replace Authorization
-	// and drop any other header that carries it.
+	// The inbound token must not travel any further, nor be logged: drop
+	// every other header that carries it, and request trailers (their values
+	// arrive after this handler runs, so they cannot be inspected here).
 	for name, values := range r.Header {
 		for _, v := range values {
 			if strings.Contains(v, raw) {
@@ -128,6 +124,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 				break
 			}
 		}
+	}
+	r.Trailer = nil
+	r.Header.Del("Trailer")
+	if strings.Contains(r.URL.RawQuery, raw) || strings.Contains(r.URL.EscapedPath(), raw) {
+		return h.refuse(w, r, raw, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_uri",
+			Description: "the bearer token must not appear in the request URI"})
+	}
+	minted, err := h.exchange(r, raw)
+	if err != nil {
+		return h.refuse(w, r, raw, exchange.AsError(err))
 	}
 	r.Header.Set("Authorization", "Bearer "+minted.Token)
 
@@ -289,7 +295,8 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	}
 	if status == http.StatusInternalServerError {
 		h.logger.Error("token exchange failed", fields...)
-		return caddyhttp.Error(status, fmt.Errorf("token exchange failed: %s", e.Reason))
+		w.WriteHeader(status)
+		return nil
 	}
 	h.logger.Info("token exchange refused", fields...)
 
@@ -305,7 +312,11 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 		challenge += `, scope="` + quoteSafe(exchange.FormatScope(h.RequireScopes)) + `"`
 	}
 	w.Header().Set("WWW-Authenticate", challenge)
-	return caddyhttp.Error(status, fmt.Errorf("token exchange refused: %s", e.Reason))
+	// Answer here rather than return an error: Caddy's error path logs all
+	// request headers at debug level, and a client may have put a token in
+	// one it does not redact.
+	w.WriteHeader(status)
+	return nil
 }
 
 // quoteSafe keeps a value within an RFC 6750 quoted-string: printable ASCII

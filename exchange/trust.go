@@ -361,6 +361,11 @@ func (ti *trustedIssuer) keys(ctx context.Context) *keyIndex {
 		}
 		idx.keys = append(idx.keys, vk)
 	}
+	// A set with no usable key (an empty or broken JWKS at refresh) does
+	// not replace the last good keys: an IdP fault must not become an outage.
+	if prev := ti.index.Load(); len(idx.keys) == 0 && prev != nil && len(prev.keys) > 0 {
+		return prev
+	}
 	ti.index.Store(idx)
 	return idx
 }

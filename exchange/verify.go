@@ -249,7 +249,8 @@ func typMatches(typ, want string) bool {
 
 // checkTokenKind refuses tokens whose own claims say they are not what they
 // are presented as: a refresh token is never accepted, and an ID token
-// (at_hash, c_hash or nonce: claims only ID tokens carry) is not an access token.
+// (at_hash, c_hash or nonce: claims only ID tokens carry) is accepted only
+// where it is presented as an id_token.
 func checkTokenKind(tok jwt.Token, presentedAs string) *Error {
 	for _, name := range []string{"typ", "token_use", "token_type"} {
 		var v string
@@ -257,7 +258,7 @@ func checkTokenKind(tok jwt.Token, presentedAs string) *Error {
 			return invalidToken("token_type", "refresh tokens are not accepted")
 		}
 	}
-	if presentedAs == "access_token" {
+	if presentedAs != "id_token" {
 		for _, name := range []string{"at_hash", "c_hash", "nonce"} {
 			if tok.Has(name) {
 				return invalidToken("token_type", "an ID token is not an access token")
