@@ -4,13 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"strings"
 	"time"
-
-	"github.com/lestrrat-go/jwx/v3/jwt"
 )
 
 // DefaultTokenLifetime caps how long a minted token lives.
@@ -300,49 +299,42 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
 	}
 
-	tok := jwt.New()
-	set := func(k string, v any) {
-		if err == nil {
-			err = tok.Set(k, v)
-		}
+	claims := mintedClaims{
+		Iss: e.cfg.Issuer, Sub: subject.Subject, Aud: grant.Audiences,
+		Exp: exp.Unix(), Iat: now.Unix(), Nbf: now.Unix(), Jti: jti,
+		Scope: FormatScope(scopes), ClientID: grant.ClientID,
 	}
-	// Copied claims first, so nothing below can be overridden by them.
-	for _, name := range grant.Claims {
-		if v, ok := subject.Claim(name); ok && !IsRegisteredClaim(name) {
-			set(name, v)
-		}
-	}
-	for name, v := range computed {
-		if !IsRegisteredClaim(name) {
-			set(name, v)
-		}
-	}
-	set(jwt.IssuerKey, e.cfg.Issuer)
-	set(jwt.SubjectKey, subject.Subject)
-	set(jwt.AudienceKey, grant.Audiences)
-	set(jwt.ExpirationKey, exp)
-	set(jwt.IssuedAtKey, now)
-	set(jwt.NotBeforeKey, now)
-	set(jwt.JwtIDKey, jti)
-	if len(scopes) > 0 {
-		set("scope", FormatScope(scopes))
-	}
-	clientID := grant.ClientID
-	if clientID == "" {
-		clientID = subject.ClientID
-	}
-	if clientID != "" {
-		set("client_id", clientID)
+	if claims.ClientID == "" {
+		claims.ClientID = subject.ClientID
 	}
 	var act map[string]any
 	if !grant.Impersonate {
 		act = nestAct(actor, subject.Act)
-		set("act", act)
+		claims.Act = act
 	}
+	// Copied claims, then computed ones; never a registered claim.
+	var extra map[string]any
+	for _, name := range grant.Claims {
+		if v, ok := subject.Claim(name); ok && !IsRegisteredClaim(name) {
+			if extra == nil {
+				extra = make(map[string]any, len(grant.Claims)+len(computed))
+			}
+			extra[name] = v
+		}
+	}
+	for name, v := range computed {
+		if !IsRegisteredClaim(name) {
+			if extra == nil {
+				extra = make(map[string]any, len(computed))
+			}
+			extra[name] = v
+		}
+	}
+	payload, err := claims.marshal(extra)
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
 	}
-	signed, err := e.signer.Sign(tok)
+	signed, err := e.signer.SignPayload(payload)
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "signing", Description: "internal error", Err: err}
 	}
@@ -359,6 +351,46 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		SubjectTokenHash: subject.TokenHash,
 		ActChain:         act,
 	}, nil
+}
+
+// mintedClaims is the claims set of a minted token (RFC 9068 §2.2).
+type mintedClaims struct {
+	Iss      string         `json:"iss"`
+	Sub      string         `json:"sub"`
+	Aud      []string       `json:"aud"`
+	Exp      int64          `json:"exp"`
+	Iat      int64          `json:"iat"`
+	Nbf      int64          `json:"nbf"`
+	Jti      string         `json:"jti"`
+	Scope    string         `json:"scope,omitempty"`
+	ClientID string         `json:"client_id,omitempty"`
+	Act      map[string]any `json:"act,omitempty"`
+}
+
+// marshal serializes the claims with extra (non-registered) claims appended.
+func (c *mintedClaims) marshal(extra map[string]any) ([]byte, error) {
+	b, err := json.Marshal(c)
+	if err != nil || len(extra) == 0 {
+		return b, err
+	}
+	names := make([]string, 0, len(extra))
+	for name := range extra {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	b = b[:len(b)-1] // reopen the object
+	for _, name := range names {
+		k, err := json.Marshal(name)
+		if err != nil {
+			return nil, err
+		}
+		v, err := json.Marshal(extra[name])
+		if err != nil {
+			return nil, fmt.Errorf("claim %s: %w", name, err)
+		}
+		b = append(append(append(append(b, ','), k...), ':'), v...)
+	}
+	return append(b, '}'), nil
 }
 
 func ruleErrors(msgs []string) error {
