@@ -18,7 +18,6 @@ import (
 	"github.com/lestrrat-go/jwx/v3/jwa"
 	"github.com/lestrrat-go/jwx/v3/jwk"
 	"github.com/lestrrat-go/jwx/v3/jws"
-	"github.com/lestrrat-go/jwx/v3/jwt"
 )
 
 // SigningAlgorithms are the algorithms the gateway can mint with.
@@ -230,23 +229,6 @@ func (s *Signer) SignPayload(payload []byte) (string, error) {
 		return "", err
 	}
 	b, err := jws.Sign(payload, jws.WithKey(s.alg, s.private, jws.WithProtectedHeaders(headers)))
-	if err != nil {
-		return "", fmt.Errorf("signing minted token: %w", err)
-	}
-	return string(b), nil
-}
-
-// Sign signs a claims set as an RFC 9068 access token (typ at+jwt, kid).
-func (s *Signer) Sign(tok jwt.Token) (string, error) {
-	// Fresh headers per call: jws.Sign may write to the set it is given.
-	headers := jws.NewHeaders()
-	if err := headers.Set(jws.TypeKey, "at+jwt"); err != nil {
-		return "", err
-	}
-	if err := headers.Set(jws.KeyIDKey, s.kid); err != nil {
-		return "", err
-	}
-	b, err := jwt.Sign(tok, jwt.WithKey(s.alg, s.private, jws.WithProtectedHeaders(headers)))
 	if err != nil {
 		return "", fmt.Errorf("signing minted token: %w", err)
 	}
