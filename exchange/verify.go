@@ -8,6 +8,8 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -42,28 +44,17 @@ type Subject struct {
 	// ActDepth is the depth of Act.
 	ActDepth int
 
-	token jwt.Token
+	claims map[string]any
 }
 
-// Claims returns all of the subject token's claims as plain JSON values.
-func (s *Subject) Claims() map[string]any {
-	keys := s.token.Keys()
-	m := make(map[string]any, len(keys))
-	for _, k := range keys {
-		if v, ok := s.Claim(k); ok {
-			m[k] = v
-		}
-	}
-	return m
-}
+// Claims returns the subject token's claims as plain JSON values. The map
+// is shared: read it, never write it.
+func (s *Subject) Claims() map[string]any { return s.claims }
 
 // Claim returns one of the subject token's claims.
 func (s *Subject) Claim(name string) (any, bool) {
-	var v any
-	if err := s.token.Get(name, &v); err != nil {
-		return nil, false
-	}
-	return v, true
+	v, ok := s.claims[name]
+	return v, ok
 }
 
 // jwsHeader is the part of a JOSE header we decide on before any crypto.
@@ -147,12 +138,14 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if err := checkStrictJSON(payload); err != nil {
 		return nil, invalidToken("malformed", "token payload is not strict JSON: %v", err)
 	}
-	tok := jwt.New()
-	if err := json.Unmarshal(payload, tok); err != nil {
+	var claims map[string]any
+	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
 		return nil, invalidToken("malformed", "token payload is not a valid JSON claims set")
 	}
-
-	iss, _ := tok.Issuer()
+	iss, err := stringClaim(claims, "iss")
+	if err != nil {
+		return nil, invalidToken("malformed", "token iss is not a string")
+	}
 	ti, ok := ts.issuers[iss]
 	if !ok {
 		return nil, invalidToken("untrusted_issuer", "token issuer is not trusted")
@@ -166,7 +159,7 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if ti.cfg.RequiredTyp != "" && !typMatches(hdr.Typ, ti.cfg.RequiredTyp) {
 		return nil, invalidToken("token_type", "token typ header is not %s", ti.cfg.RequiredTyp)
 	}
-	if err := checkTokenKind(tok, opts.TokenType); err != nil {
+	if err := checkTokenKind(claims, opts.TokenType); err != nil {
 		return nil, err
 	}
 	now := ts.now()
@@ -179,14 +172,9 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, invalidToken("bad_signature", "token signature does not verify")
 	}
 
-	err = jwt.Validate(tok,
-		jwt.WithClock(jwt.ClockFunc(func() time.Time { return now })),
-		jwt.WithAcceptableSkew(ts.clockSkew),
-		jwt.WithRequiredClaim(jwt.ExpirationKey),
-		jwt.WithTruncation(time.Second),
-	)
-	if err != nil {
-		return nil, claimError(err)
+	exp, terr := ts.checkTimes(claims, now)
+	if terr != nil {
+		return nil, terr
 	}
 	// An ID token is addressed to a client (RFC 7519 / OIDC Core §2): its aud
 	// is checked against the issuer's client ids, everything else against
@@ -195,18 +183,23 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if opts.TokenType == "id_token" {
 		accepted = ti.cfg.ClientIDs
 	}
-	aud, _ := tok.Audience()
+	aud, err := audienceClaim(claims)
+	if err != nil {
+		return nil, invalidToken("invalid_claims", "token aud is not a string or an array of strings")
+	}
 	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(accepted, a) }) {
 		return nil, invalidToken("wrong_audience", "token audience is not accepted here")
 	}
-	sub, _ := tok.Subject()
-	if sub == "" {
+	sub, err := stringClaim(claims, "sub")
+	if err != nil || sub == "" {
 		return nil, invalidToken("missing_sub", "token has no sub")
 	}
+	jti, err := stringClaim(claims, "jti")
+	if err != nil {
+		return nil, invalidToken("invalid_claims", "token jti is not a string")
+	}
 
-	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, TokenHash: HashToken(raw), token: tok}
-	s.Expiry, _ = tok.Expiration()
-	s.JTI, _ = tok.JwtID()
+	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti}
 
 	if v, ok := s.Claim(ti.cfg.ScopeClaim); ok {
 		external, err := scopesFromClaim(v)
@@ -251,21 +244,97 @@ func typMatches(typ, want string) bool {
 // are presented as: a refresh token is never accepted, and an ID token
 // (at_hash, c_hash or nonce: claims only ID tokens carry) is accepted only
 // where it is presented as an id_token.
-func checkTokenKind(tok jwt.Token, presentedAs string) *Error {
+func checkTokenKind(claims map[string]any, presentedAs string) *Error {
 	for _, name := range []string{"typ", "token_use", "token_type"} {
-		var v string
-		if tok.Get(name, &v) == nil && strings.Contains(strings.ToLower(v), "refresh") {
+		if v, ok := claims[name].(string); ok && strings.Contains(strings.ToLower(v), "refresh") {
 			return invalidToken("token_type", "refresh tokens are not accepted")
 		}
 	}
 	if presentedAs != "id_token" {
 		for _, name := range []string{"at_hash", "c_hash", "nonce"} {
-			if tok.Has(name) {
+			if _, ok := claims[name]; ok {
 				return invalidToken("token_type", "an ID token is not an access token")
 			}
 		}
 	}
 	return nil
+}
+
+// checkTimes enforces RFC 7519 §4.1.4-6 with the configured leeway: exp is
+// required and must be in the future, nbf and iat (when present) not in
+// it. Times compare at whole seconds, as NumericDates are usually written.
+func (ts *TrustStore) checkTimes(claims map[string]any, now time.Time) (time.Time, *Error) {
+	now = now.Truncate(time.Second)
+	exp, ok, err := numericDate(claims, "exp")
+	switch {
+	case err != nil:
+		return time.Time{}, invalidToken("invalid_claims", "token exp is not a NumericDate")
+	case !ok:
+		return time.Time{}, invalidToken("missing_exp", "token has no exp")
+	case !now.Before(exp.Truncate(time.Second).Add(ts.clockSkew)):
+		return time.Time{}, invalidToken("expired", "token is expired")
+	}
+	if nbf, ok, err := numericDate(claims, "nbf"); err != nil {
+		return time.Time{}, invalidToken("invalid_claims", "token nbf is not a NumericDate")
+	} else if ok && now.Add(ts.clockSkew).Before(nbf.Truncate(time.Second)) {
+		return time.Time{}, invalidToken("not_yet_valid", "token is not valid yet (nbf)")
+	}
+	if iat, ok, err := numericDate(claims, "iat"); err != nil {
+		return time.Time{}, invalidToken("invalid_claims", "token iat is not a NumericDate")
+	} else if ok && now.Add(ts.clockSkew).Before(iat.Truncate(time.Second)) {
+		return time.Time{}, invalidToken("bad_iat", "token was issued in the future (iat)")
+	}
+	return exp, nil
+}
+
+// numericDate reads a NumericDate claim (RFC 7519 §2): a JSON number of
+// seconds since the epoch.
+func numericDate(claims map[string]any, name string) (time.Time, bool, error) {
+	v, ok := claims[name]
+	if !ok {
+		return time.Time{}, false, nil
+	}
+	f, isNum := v.(float64)
+	if !isNum || math.IsNaN(f) || math.IsInf(f, 0) || f < 0 || f > 1<<40 {
+		return time.Time{}, true, fmt.Errorf("%s is not a NumericDate", name)
+	}
+	sec, frac := math.Modf(f)
+	return time.Unix(int64(sec), int64(frac*1e9)), true, nil
+}
+
+// stringClaim reads an optional string claim; another type is an error.
+func stringClaim(claims map[string]any, name string) (string, error) {
+	v, ok := claims[name]
+	if !ok {
+		return "", nil
+	}
+	s, isString := v.(string)
+	if !isString {
+		return "", fmt.Errorf("%s is not a string", name)
+	}
+	return s, nil
+}
+
+// audienceClaim reads aud: a string or an array of strings (RFC 7519 §4.1.3).
+func audienceClaim(claims map[string]any) ([]string, error) {
+	switch v := claims["aud"].(type) {
+	case nil:
+		return nil, nil
+	case string:
+		return []string{v}, nil
+	case []any:
+		out := make([]string, 0, len(v))
+		for _, e := range v {
+			s, ok := e.(string)
+			if !ok {
+				return nil, errors.New("aud holds a non-string")
+			}
+			out = append(out, s)
+		}
+		return out, nil
+	default:
+		return nil, errors.New("aud is not a string or an array")
+	}
 }
 
 func claimError(err error) *Error {
