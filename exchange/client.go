@@ -303,7 +303,7 @@ func (c *Clients) newRegisteredClient(cfg ClientConfig, byURL map[string]*client
 		if err != nil {
 			return nil, fmt.Errorf("reading jwks_file: %w", err)
 		}
-		idx := indexClientKeys(set)
+		idx := indexKeySet(set)
 		if len(idx.keys) == 0 {
 			return nil, errors.New("jwks_file holds no usable public signing key (RSA >= 2048 bits, EC P-256/384/521 or Ed25519)")
 		}
@@ -611,7 +611,7 @@ func (ck *clientKeys) keys(ctx context.Context) *keyIndex {
 	if idx := ck.index.Load(); idx != nil && idx.set == set {
 		return idx
 	}
-	idx := indexClientKeys(set)
+	idx := indexKeySet(set)
 	ck.index.Store(idx)
 	return idx
 }
@@ -632,37 +632,6 @@ func (ck *clientKeys) refetch(ctx context.Context, now time.Time) bool {
 		return false
 	}
 	return true
-}
-
-// indexClientKeys turns a JWKS into usable public signing keys: keys marked
-// for another use, and keys of no type an accepted algorithm fits
-// (symmetric keys among them), are left out.
-func indexClientKeys(set jwk.Set) *keyIndex {
-	idx := &keyIndex{set: set}
-	for i := 0; i < set.Len(); i++ {
-		k, _ := set.Key(i)
-		if use, ok := k.KeyUsage(); ok && use != "sig" {
-			continue
-		}
-		pk, err := jwk.PublicKeyOf(k)
-		if err != nil {
-			continue
-		}
-		var raw any
-		if err := jwk.Export(pk, &raw); err != nil {
-			continue
-		}
-		if !slices.ContainsFunc(supportedVerifyAlgorithms, func(a string) bool { return keyFitsAlgorithm(raw, a) }) {
-			continue
-		}
-		vk := verifyKey{pub: raw}
-		vk.kid, _ = k.KeyID()
-		if a, ok := k.Algorithm(); ok {
-			vk.alg = a.String()
-		}
-		idx.keys = append(idx.keys, vk)
-	}
-	return idx
 }
 
 // secretCache remembers successful secret checks, because bcrypt costs tens

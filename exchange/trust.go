@@ -340,27 +340,7 @@ func (ti *trustedIssuer) keys(ctx context.Context) *keyIndex {
 	if idx := ti.index.Load(); idx != nil && idx.set == set {
 		return idx
 	}
-	idx := &keyIndex{set: set}
-	for i := 0; i < set.Len(); i++ {
-		k, _ := set.Key(i)
-		if use, ok := k.KeyUsage(); ok && use != "sig" {
-			continue
-		}
-		pk, err := jwk.PublicKeyOf(k)
-		if err != nil {
-			continue
-		}
-		var raw any
-		if err := jwk.Export(pk, &raw); err != nil {
-			continue
-		}
-		vk := verifyKey{pub: raw}
-		vk.kid, _ = k.KeyID()
-		if a, ok := k.Algorithm(); ok {
-			vk.alg = a.String()
-		}
-		idx.keys = append(idx.keys, vk)
-	}
+	idx := indexKeySet(set)
 	// A set with no usable key (an empty or broken JWKS at refresh) does
 	// not replace the last good keys: an IdP fault must not become an outage.
 	if prev := ti.index.Load(); len(idx.keys) == 0 && prev != nil && len(prev.keys) > 0 {
@@ -387,6 +367,37 @@ func (ts *TrustStore) hasKey(issuer, kid string) bool {
 		}
 	}
 	return false
+}
+
+// indexKeySet turns a JWKS into usable public signing keys: keys marked for
+// another use, and keys of no type an accepted algorithm fits (symmetric keys
+// among them), are left out.
+func indexKeySet(set jwk.Set) *keyIndex {
+	idx := &keyIndex{set: set}
+	for i := 0; i < set.Len(); i++ {
+		k, _ := set.Key(i)
+		if use, ok := k.KeyUsage(); ok && use != "sig" {
+			continue
+		}
+		pk, err := jwk.PublicKeyOf(k)
+		if err != nil {
+			continue
+		}
+		var raw any
+		if err := jwk.Export(pk, &raw); err != nil {
+			continue
+		}
+		if !slices.ContainsFunc(supportedVerifyAlgorithms, func(a string) bool { return keyFitsAlgorithm(raw, a) }) {
+			continue
+		}
+		vk := verifyKey{pub: raw}
+		vk.kid, _ = k.KeyID()
+		if a, ok := k.Algorithm(); ok {
+			vk.alg = a.String()
+		}
+		idx.keys = append(idx.keys, vk)
+	}
+	return idx
 }
 
 // find picks the key for kid that fits alg. An empty kid is accepted only when
