@@ -122,6 +122,9 @@ type ClientCredentials struct {
 	PostID, PostSecret   string
 	Assertion            string
 	AssertionType        string
+	// RequestURL is the URL this request was sent to (scheme, host, path):
+	// also accepted as an assertion's aud, since it names this server.
+	RequestURL string
 }
 
 // AuthenticatedClient is a client that proved who it is.
@@ -568,7 +571,9 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 			fmt.Sprintf("client_assertion exp lies more than %s in the future", c.maxLifetime))
 	}
 	aud, _ := tok.Audience()
-	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(c.endpointURLs, a) }) {
+	if !slices.ContainsFunc(aud, func(a string) bool {
+		return slices.Contains(c.endpointURLs, a) || (cred.RequestURL != "" && a == cred.RequestURL)
+	}) {
 		return nil, clientError("assertion_audience", "client_assertion aud must name this token endpoint")
 	}
 	jti, _ := tok.JwtID()
