@@ -109,6 +109,7 @@ func referenceStrictJSON(b []byte) error {
 		return errors.New("not valid UTF-8")
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.UseNumber() // numbers out of float64 range are still valid JSON
 	type frame struct {
 		keys    map[string]bool
 		wantKey bool
