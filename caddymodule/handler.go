@@ -127,13 +127,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	r.Trailer = nil
 	r.Header.Del("Trailer")
-	if strings.Contains(r.URL.RawQuery, raw) || strings.Contains(r.URL.EscapedPath(), raw) {
-		return h.refuse(w, r, raw, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_uri",
-			Description: "the bearer token must not appear in the request URI"})
-	}
 	minted, err := h.exchange(r, raw)
 	if err != nil {
 		return h.refuse(w, r, raw, exchange.AsError(err))
+	}
+	// A valid token must not travel in the URI either (checked once it is
+	// known to be a real token, so short junk cannot match a path).
+	if strings.Contains(r.URL.RawQuery, raw) || strings.Contains(r.URL.EscapedPath(), raw) {
+		return h.refuse(w, r, raw, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_uri",
+			Description: "the bearer token must not appear in the request URI"})
 	}
 	r.Header.Set("Authorization", "Bearer "+minted.Token)
 
