@@ -307,6 +307,11 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 	if claims.ClientID == "" {
 		claims.ClientID = subject.ClientID
 	}
+	if claims.ClientID == "" {
+		// RFC 9068 requires client_id: when the subject token names no
+		// client, the party that obtained this token is the gateway itself.
+		claims.ClientID = e.cfg.Actor
+	}
 	var act map[string]any
 	if !grant.Impersonate {
 		act = nestAct(actor, subject.Act)

@@ -204,6 +204,25 @@ func TestExchangeMayAct(t *testing.T) {
 	}
 }
 
+func TestExchangeClientIDFallsBackToTheGateway(t *testing.T) {
+	f := newEngineFixture(t, "ES256")
+	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, nil), &Grant{Audiences: []string{"x"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := parseMinted(t, f.signer, m.Token)
+	if c["client_id"] != "https://gateway.test" {
+		t.Fatalf("client_id = %v, want the gateway's actor", c["client_id"])
+	}
+	m, err = f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, claims{"azp": "spa"}), &Grant{Audiences: []string{"x"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := parseMinted(t, f.signer, m.Token); c["client_id"] != "spa" {
+		t.Fatalf("client_id = %v, want the subject's azp", c["client_id"])
+	}
+}
+
 func TestExchangeImpersonationHasNoAct(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
 	m, err := f.engine.ExchangeBearer(context.Background(), f.idp.Token(f.kid, nil), &Grant{Audiences: []string{"x"}, Impersonate: true}, nil)
