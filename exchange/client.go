@@ -251,16 +251,8 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 		c.cache, c.cancel = cache, cancel
 		for u, ck := range byURL {
 			ck.cache = cache
-			err := cache.Register(cctx, u,
-				jwk.WithHTTPClient(client),
-				jwk.WithWaitReady(false),
-				jwk.WithMaxFetchBodySize(DefaultMaxJWKSBodySize),
-				jwk.WithMinInterval(defaultJWKSMinRefresh),
-				jwk.WithMaxInterval(defaultJWKSMaxRefresh),
-			)
-			if err == nil {
-				ck.resource, err = cache.LookupResource(cctx, u)
-			}
+			var err error
+			ck.resource, err = registerJWKS(cctx, cache, u, client)
 			if err != nil {
 				c.Close()
 				return nil, fmt.Errorf("registering client jwks_url %s: %w", u, err)

@@ -221,18 +221,8 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 		ts.cache, ts.cancel = cache, cancel
 		for _, ti := range urlIssuers {
 			ti.cache = cache
-			err := cache.Register(cctx, ti.cfg.JWKSURL,
-				jwk.WithHTTPClient(client),
-				jwk.WithWaitReady(false),
-				jwk.WithMaxFetchBodySize(DefaultMaxJWKSBodySize),
-				jwk.WithMinInterval(defaultJWKSMinRefresh),
-				jwk.WithMaxInterval(defaultJWKSMaxRefresh),
-			)
-			if err == nil {
-				// Read the set through the resource itself (an atomic load)
-				// rather than jwk.Cache.Lookup, a round trip to one goroutine.
-				ti.resource, err = cache.LookupResource(cctx, ti.cfg.JWKSURL)
-			}
+			var err error
+			ti.resource, err = registerJWKS(cctx, cache, ti.cfg.JWKSURL, client)
 			if err != nil {
 				ts.Close()
 				return nil, fmt.Errorf("trusted issuer %q: registering jwks_url: %w", ti.cfg.Issuer, err)
@@ -292,6 +282,23 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 		ic.RefetchInterval = DefaultRefetchInterval
 	}
 	return nil
+}
+
+// registerJWKS adds url to cache without waiting for its first fetch, and
+// returns its resource: reading the set through it is an atomic load, where
+// jwk.Cache.Lookup is a round trip to the cache's single goroutine.
+func registerJWKS(ctx context.Context, cache *jwk.Cache, url string, client *http.Client) (*httprc.ResourceBase[jwk.Set], error) {
+	err := cache.Register(ctx, url,
+		jwk.WithHTTPClient(client),
+		jwk.WithWaitReady(false),
+		jwk.WithMaxFetchBodySize(DefaultMaxJWKSBodySize),
+		jwk.WithMinInterval(defaultJWKSMinRefresh),
+		jwk.WithMaxInterval(defaultJWKSMaxRefresh),
+	)
+	if err != nil {
+		return nil, err
+	}
+	return cache.LookupResource(ctx, url)
 }
 
 // Close stops the JWKS refreshers.
