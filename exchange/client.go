@@ -491,20 +491,16 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 	if len(raw) > DefaultMaxAssertionSize {
 		return nil, clientError("assertion_too_large", fmt.Sprintf("client_assertion exceeds %d bytes", DefaultMaxAssertionSize))
 	}
-	if strings.Count(raw, ".") != 2 {
+	hdr, p64, _, err := splitJWS(raw)
+	switch {
+	case errors.Is(err, errJWE), errors.Is(err, errNotCompact):
 		return nil, clientError("malformed_assertion", "client_assertion is not a compact JWS")
-	}
-	h64, rest, _ := strings.Cut(raw, ".")
-	p64, s64, _ := strings.Cut(rest, ".")
-	if h64 == "" || p64 == "" || s64 == "" {
+	case errors.Is(err, errEmptySegment):
 		return nil, clientError("malformed_assertion", "client_assertion is not a signed compact JWS")
-	}
-	var hdr jwsHeader
-	if err := decodeSegment(h64, &hdr); err != nil {
-		return nil, clientError("malformed_assertion", "client_assertion header is not valid base64url JSON")
-	}
-	if hdr.Crit != nil || hdr.B64 != nil {
+	case errors.Is(err, errCrit), errors.Is(err, errB64):
 		return nil, clientError("malformed_assertion", "client_assertion header carries unsupported extensions")
+	case err != nil:
+		return nil, clientError("malformed_assertion", "client_assertion header is not valid base64url JSON")
 	}
 	if hdr.Alg == "" || CheckVerifyAlgorithm(hdr.Alg) != nil {
 		return nil, clientError("bad_algorithm", "client_assertion must be signed with an asymmetric algorithm")

@@ -95,28 +95,20 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if len(raw) > ts.maxTokenSize {
 		return nil, invalidToken("too_large", "token exceeds %d bytes", ts.maxTokenSize)
 	}
-	switch strings.Count(raw, ".") {
-	case 2:
-	case 4:
+	hdr, p64, s64, err := splitJWS(raw)
+	switch {
+	case errors.Is(err, errJWE):
 		return nil, invalidToken("malformed", "encrypted tokens (JWE) are not accepted")
-	default:
+	case errors.Is(err, errNotCompact):
 		return nil, invalidToken("malformed", "token is not a compact JWS (header.payload.signature)")
-	}
-	h64, rest, _ := strings.Cut(raw, ".")
-	p64, s64, _ := strings.Cut(rest, ".")
-	if h64 == "" || p64 == "" || s64 == "" {
+	case errors.Is(err, errEmptySegment):
 		return nil, invalidToken("malformed", "token has an empty segment")
-	}
-
-	var hdr jwsHeader
-	if err := decodeSegment(h64, &hdr); err != nil {
-		return nil, invalidToken("malformed", "token header is not valid base64url JSON")
-	}
-	if hdr.Crit != nil {
+	case errors.Is(err, errCrit):
 		return nil, invalidToken("malformed", "token header carries crit extensions, which are not supported")
-	}
-	if hdr.B64 != nil {
+	case errors.Is(err, errB64):
 		return nil, invalidToken("malformed", "token header carries b64, which is not supported")
+	case err != nil:
+		return nil, invalidToken("malformed", "token header is not valid base64url JSON")
 	}
 	if hdr.Alg == "" || CheckVerifyAlgorithm(hdr.Alg) != nil {
 		return nil, invalidToken("bad_algorithm", "token algorithm is not accepted")
@@ -350,6 +342,44 @@ func claimError(err error) *Error {
 	default:
 		return invalidToken("invalid_claims", "token claims are invalid")
 	}
+}
+
+// Ways a compact JWS fails before any key or crypto is involved.
+var (
+	errJWE          = errors.New("five segments: an encrypted token (JWE)")
+	errNotCompact   = errors.New("not a compact JWS")
+	errEmptySegment = errors.New("a JWS segment is empty")
+	errCrit         = errors.New("crit header present")
+	errB64          = errors.New("b64 header present")
+)
+
+// splitJWS splits a compact JWS and decodes its protected header strictly.
+// crit and b64 are refused: nothing here needs them, and jws.VerifyCompactFast
+// does not support them. Any other error means the header is not valid
+// base64url JSON.
+func splitJWS(raw string) (hdr jwsHeader, payload64, sig64 string, err error) {
+	switch strings.Count(raw, ".") {
+	case 2:
+	case 4:
+		return hdr, "", "", errJWE
+	default:
+		return hdr, "", "", errNotCompact
+	}
+	h64, rest, _ := strings.Cut(raw, ".")
+	payload64, sig64, _ = strings.Cut(rest, ".")
+	if h64 == "" || payload64 == "" || sig64 == "" {
+		return hdr, "", "", errEmptySegment
+	}
+	if err := decodeSegment(h64, &hdr); err != nil {
+		return hdr, "", "", err
+	}
+	if hdr.Crit != nil {
+		return hdr, "", "", errCrit
+	}
+	if hdr.B64 != nil {
+		return hdr, "", "", errB64
+	}
+	return hdr, payload64, sig64, nil
 }
 
 // decodeSegment decodes one base64url JWS segment holding a JSON object.
