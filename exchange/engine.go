@@ -280,7 +280,9 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		held = append(slices.Clone(held), res.Granted...)
 		computed = res.Claims
 	}
-	scopes := NarrowScopes(IntersectScopes(grant.Scopes, held), grant.Scopes)
+	// Issued = the grant's scope ∩ what the subject holds (rule grants
+	// included): never beyond the grant's scope, in its order.
+	scopes := IntersectScopes(grant.Scopes, held)
 	if missing := missingScopes(grant.RequireScopes, scopes); len(missing) > 0 {
 		return nil, &Error{Kind: KindInsufficientScope, Reason: "insufficient_scope",
 			Description: "subject token does not hold the required scope " + FormatScope(missing)}

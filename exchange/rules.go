@@ -549,11 +549,5 @@ func celToJSON(v ref.Val, depth int) (any, error) {
 // widens: whatever the rules grant, the result holds no scope outside the
 // route's (or client's) declared scopes; an empty ceiling yields nothing.
 func NarrowScopes(granted, ceiling []string) []string {
-	out := make([]string, 0, len(granted))
-	for _, s := range granted {
-		if slices.Contains(ceiling, s) && !slices.Contains(out, s) {
-			out = append(out, s)
-		}
-	}
-	return out
+	return IntersectScopes(granted, ceiling)
 }
