@@ -120,15 +120,7 @@ func startAttackGateway(t *testing.T, globalExtra string) *atkGateway {
 	logFile := filepath.Join(t.TempDir(), "caddy.log")
 	upstream := strings.TrimPrefix(up.URL, "http://")
 	config := fmt.Sprintf(`{
-	admin localhost:2999
-	http_port %d
-	https_port 9443
-	log {
-		output file %s
-		level DEBUG
-	}
-	storage file_system %s
-	token_exchange {
+%s	token_exchange {
 		issuer %s
 		%s
 		trust %s {
@@ -177,7 +169,7 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, gatewayPort, logFile, t.TempDir(), gatewayIssuer, globalExtra,
+`, testGlobalOptions(logFile, t.TempDir()), gatewayIssuer, globalExtra,
 		atkIdP, idp.JWKSURL(), atkAudience,
 		atkClient, bcryptHash(t, atkSecret), audOrders, atkResource,
 		atkNarrow, bcryptHash(t, atkNarrowSec), audOrders,

@@ -132,15 +132,7 @@ func startSTS(t *testing.T, opts stsOptions) *sts {
 		}`, stsBase, stsJWKSURL, audOrders, audBilling)
 	}
 	config := fmt.Sprintf(`{
-	admin localhost:2999
-	http_port %d
-	https_port 9443
-	log {
-		output file %s
-		level DEBUG
-	}
-	storage file_system %s
-	token_exchange {
+%s	token_exchange {
 		issuer %s
 		trust https://idp.test {
 			jwks_url %s
@@ -185,7 +177,7 @@ http://localhost:%d {
 		token_exchange_metadata
 	}
 }
-`, gatewayPort, logFile, t.TempDir(), stsBase, idp.JWKSURL(), selfTrust,
+`, testGlobalOptions(logFile, t.TempDir()), stsBase, idp.JWKSURL(), selfTrust,
 		secretClient, bcryptHash(t, secretValue), audOrders, audBilling, resOrders,
 		keyClient, jwksFile, audOrders,
 		impClient, bcryptHash(t, impSecret), audOrders,

@@ -123,15 +123,7 @@ func fltConfig(logFile, storageDir, jwksURL, refetch, audience, upstream string)
 		next = "respond {http.request.header.Authorization} 200"
 	}
 	return fmt.Sprintf(`{
-	admin localhost:2999
-	http_port %d
-	https_port 9443
-	log {
-		output file %s
-		level DEBUG
-	}
-	storage file_system %s
-	token_exchange {
+%s	token_exchange {
 		issuer %s
 		jwks_fetch_timeout 1s
 		trust https://idp.test {
@@ -154,7 +146,7 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, gatewayPort, logFile, storageDir, gatewayIssuer, jwksURL, refetch, gatewayPort, audience, next)
+`, testGlobalOptions(logFile, storageDir), gatewayIssuer, jwksURL, refetch, gatewayPort, audience, next)
 }
 
 func startFaultGateway(t *testing.T, mode fltMode, refetch string) *fltGateway {

@@ -64,6 +64,21 @@ func (u *recordingUpstream) last() *http.Request {
 	return u.requests[len(u.requests)-1]
 }
 
+// testGlobalOptions are the global options every in-process test Caddy
+// shares: caddytest's admin port, the test HTTP ports, a DEBUG log to
+// logFile (scanned for leaked tokens) and storage in storageDir.
+func testGlobalOptions(logFile, storageDir string) string {
+	return fmt.Sprintf(`	admin localhost:2999
+	http_port %d
+	https_port 9443
+	log {
+		output file %s
+		level DEBUG
+	}
+	storage file_system %s
+`, gatewayPort, logFile, storageDir)
+}
+
 type gateway struct {
 	tester   *caddytest.Tester
 	idp      *testidp.Issuer
@@ -123,15 +138,7 @@ func startGatewayWithTrust(t *testing.T, trustExtra, routeBlock string) *gateway
 	upstream := newRecordingUpstream(t)
 	logFile := filepath.Join(t.TempDir(), "caddy.log")
 	config := fmt.Sprintf(`{
-	admin localhost:2999
-	http_port %d
-	https_port 9443
-	log {
-		output file %s
-		level DEBUG
-	}
-	storage file_system %s
-	token_exchange {
+%s	token_exchange {
 		issuer %s
 		trust https://idp.test {
 			jwks_url %s
@@ -151,7 +158,7 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, gatewayPort, logFile, t.TempDir(), gatewayIssuer, idp.JWKSURL(), trustExtra, gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
+`, testGlobalOptions(logFile, t.TempDir()), gatewayIssuer, idp.JWKSURL(), trustExtra, gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
 	tester := caddytest.NewTester(t)
 	tester.InitServer(config, "caddyfile")
 	return &gateway{tester: tester, idp: idp, upstream: upstream, logFile: logFile}
