@@ -827,6 +827,12 @@ func TestAttackCatalogue(t *testing.T) {
 	}
 	add("a token the gateway minted, presented back", minted)
 
+	// Sender-constrained tokens (issue 18): a DPoP- or mTLS-bound token
+	// presented without proof of possession is never downgraded to bearer.
+	addClaims("DPoP-bound token (cnf.jkt) as a bearer token", testidp.Claims{"scope": "orders.read", "cnf": map[string]any{"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}})
+	addClaims("mTLS-bound token (cnf.x5t#S256) as a bearer token", testidp.Claims{"scope": "orders.read", "cnf": map[string]any{"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}})
+	addClaims("token with an unknown cnf member", testidp.Claims{"scope": "orders.read", "cnf": map[string]any{"kid": "k1"}})
+
 	// Request-level attacks on the middleware.
 	other := idp.Token("rsa-1", testidp.Claims{"sub": "bob", "scope": "orders.read"})
 	queryToken := idp.Token("ec-1", testidp.Claims{"scope": "orders.read", "jti": "in-the-query"})
@@ -889,6 +895,7 @@ func TestAttackCatalogue(t *testing.T) {
 		{name: "own minted token as a plain JWT", form: exchangeForm(minted, "subject_token_type", urnJWT), status: 400, code: "invalid_request"},
 		{name: "own minted token as the actor token", form: exchangeForm(valid, "actor_token", minted, "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
 		{name: "refresh token as the actor token", form: exchangeForm(valid, "actor_token", refresh, "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
+		{name: "DPoP-bound actor token without proof", form: exchangeForm(valid, "actor_token", idp.Token("ec-1", testidp.Claims{"sub": "bob", "cnf": map[string]any{"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}), "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
 		{name: "alg none actor token", form: exchangeForm(valid, "actor_token", atkJWS(`{"alg":"none"}`, atkClaims(map[string]any{"sub": "bob"}), nil), "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
 	}
 

@@ -191,6 +191,10 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, invalidToken("invalid_claims", "token jti is not a string")
 	}
 
+	if err := checkConfirmation(claims); err != nil {
+		return nil, err
+	}
+
 	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti}
 
 	if v, ok := s.Claim(ti.cfg.ScopeClaim); ok {
@@ -220,6 +224,32 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		s.MayAct = v
 	}
 	return s, nil
+}
+
+// confirmationMembers are the cnf members (RFC 7800) we recognise: a DPoP
+// key thumbprint (RFC 9449 §6.1) and a certificate thumbprint (RFC 8705 §3.1).
+var confirmationMembers = []string{"jkt", "x5t#S256"}
+
+// checkConfirmation refuses sender-constrained tokens. A token with `cnf` is
+// bound to a key its presenter must prove possession of (DPoP, mutual TLS);
+// accepting it as a plain bearer token would silently drop that binding and
+// let a stolen token through. Until a proof is verified on the request, such
+// a token is refused; so is a `cnf` of an unknown shape or member (fail closed).
+func checkConfirmation(claims map[string]any) *Error {
+	v, ok := claims["cnf"]
+	if !ok {
+		return nil
+	}
+	cnf, isObject := v.(map[string]any)
+	if !isObject {
+		return invalidToken("bad_cnf", "token cnf claim is not an object")
+	}
+	for name := range cnf {
+		if !slices.Contains(confirmationMembers, name) {
+			return invalidToken("bad_cnf", "token cnf claim has an unsupported confirmation method")
+		}
+	}
+	return invalidToken("sender_constrained", "token is sender-constrained (cnf) and cannot be used as a bearer token without proof of possession")
 }
 
 // typMatches compares a JOSE typ with an expected media type, ignoring case

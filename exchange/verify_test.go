@@ -101,6 +101,11 @@ func TestVerifyRefuses(t *testing.T) {
 		{"crit header", rawToken(map[string]any{"alg": "RS256", "kid": rsaKid, "crit": []string{"exp"}, "exp": 1}, validPayload, nil), "malformed"},
 		{"b64 false", rawToken(map[string]any{"alg": "RS256", "kid": rsaKid, "b64": false, "crit": []string{"b64"}}, validPayload, nil), "malformed"},
 		{"oversized", strings.Repeat("a", DefaultMaxTokenSize+1), "too_large"},
+		{"DPoP-bound (cnf.jkt) as bearer", idp.Token(rsaKid, claims{"cnf": map[string]any{"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}), "sender_constrained"},
+		{"mTLS-bound (cnf.x5t#S256) as bearer", idp.Token(rsaKid, claims{"cnf": map[string]any{"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}), "sender_constrained"},
+		{"cnf with an unknown member", idp.Token(rsaKid, claims{"cnf": map[string]any{"jwk": map[string]any{"kty": "EC"}}}), "bad_cnf"},
+		{"empty cnf", idp.Token(rsaKid, claims{"cnf": map[string]any{}}), "sender_constrained"},
+		{"cnf not an object", idp.Token(rsaKid, claims{"cnf": "x"}), "bad_cnf"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
