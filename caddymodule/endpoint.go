@@ -100,11 +100,6 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	}
 	cred := req.ClientCredentials()
 	cred.BasicUser, cred.BasicPass, cred.HasBasic = r.BasicAuth()
-	scheme := "http"
-	if r.TLS != nil {
-		scheme = "https"
-	}
-	cred.RequestURL = scheme + "://" + r.Host + r.URL.Path
 	if !cred.HasBasic && r.Header.Get("Authorization") != "" {
 		// RFC 6749 §5.2: a client that tried the Authorization header gets 401
 		// and a challenge naming the scheme we support.

@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"slices"
 	"strings"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -58,14 +57,17 @@ func (p Policy) compile() (*exchange.Rules, error) {
 
 // unmarshalPolicyLine parses one policy subdirective if d is at one, and
 // type-checks it right away so a bad expression names its Caddyfile line.
-// Expressions are the rest of the line; write string literals in single
-// quotes, or wrap the whole expression in backticks to keep double quotes.
+// Expressions are the rest of the line, read raw as Caddy's own `expression`
+// matcher reads them: double-quoted CEL strings stay strings, so
+// `deny_if subject.sub == "client"` compares with the string "client" and
+// never with the variable of that name. Single quotes work as in CEL, and
+// backticks wrap an expression of several words without further meaning.
 func (p *Policy) unmarshalPolicyLine(d *caddyfile.Dispenser) (bool, error) {
 	var single Policy
 	switch d.Val() {
 	case "allow_if", "deny_if":
 		kind := d.Val()
-		expr := strings.Join(d.RemainingArgs(), " ")
+		expr := strings.Join(rawArgs(d), " ")
 		if expr == "" {
 			return true, d.ArgErr()
 		}
@@ -75,18 +77,26 @@ func (p *Policy) unmarshalPolicyLine(d *caddyfile.Dispenser) (bool, error) {
 			single.DenyIf = []string{expr}
 		}
 	case "grant":
-		args := d.RemainingArgs()
-		i := slices.Index(args, "if")
-		if i < 1 || i == len(args)-1 {
+		// Scopes are plain words up to the `if`; the condition is raw.
+		var scopes []string
+		for d.NextArg() && d.Val() != "if" {
+			scopes = append(scopes, d.Val())
+		}
+		cond := strings.Join(rawArgs(d), " ")
+		if len(scopes) == 0 || cond == "" {
 			return true, d.Err("grant needs scopes and a condition: grant <scope...> if <expr>")
 		}
-		single.Grants = []PolicyGrant{{Scopes: args[:i], If: strings.Join(args[i+1:], " ")}}
+		single.Grants = []PolicyGrant{{Scopes: scopes, If: cond}}
 	case "claim":
-		args := d.RemainingArgs()
-		if len(args) < 2 {
+		if !d.NextArg() {
 			return true, d.Err("claim needs a name and an expression: claim <name> <expr>")
 		}
-		single.ComputedClaims = []PolicyClaim{{Name: args[0], Expr: strings.Join(args[1:], " ")}}
+		name := d.Val()
+		expr := strings.Join(rawArgs(d), " ")
+		if expr == "" {
+			return true, d.Err("claim needs a name and an expression: claim <name> <expr>")
+		}
+		single.ComputedClaims = []PolicyClaim{{Name: name, Expr: expr}}
 	default:
 		return false, nil
 	}
@@ -98,4 +108,22 @@ func (p *Policy) unmarshalPolicyLine(d *caddyfile.Dispenser) (bool, error) {
 	p.Grants = append(p.Grants, single.Grants...)
 	p.ComputedClaims = append(p.ComputedClaims, single.ComputedClaims...)
 	return true, nil
+}
+
+// rawArgs returns the remaining arguments on the line as CEL source text.
+// A double-quoted token becomes a CEL string literal again (the lexer took
+// its quotes away and unescaped \"), whatever else the line holds: unlike
+// Caddy's expression matcher there is no single-token shortcut, so
+// `claim tier "client"` is the string "client", never the variable. A
+// backtick-quoted token or a heredoc is expression text as written.
+func rawArgs(d *caddyfile.Dispenser) []string {
+	var args []string
+	for d.NextArg() {
+		text, raw := d.Val(), d.ValRaw()
+		if raw != text && raw[0] == '"' {
+			text = `"` + strings.ReplaceAll(text, `"`, `\"`) + `"`
+		}
+		args = append(args, text)
+	}
+	return args
 }

@@ -122,7 +122,7 @@ func TestAdaptPolicyErrors(t *testing.T) {
 		"registered claim":    {handler("\t\tclaim sub 'x'"), "Caddyfile:10"},
 		"grant without if":    {handler("\t\tgrant x"), "grant needs scopes and a condition"},
 		"claim without expr":  {handler("\t\tclaim tenant"), "claim needs a name and an expression"},
-		"double quotes eaten": {handler("\t\tallow_if \"admin\" in subject.groups"), "Caddyfile:10"},
+		"a double-quoted string is not a condition": {handler("\t\tallow_if \"subject.sub == 'x'\""), "Caddyfile:10"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err := adapt(t, tc.input)
@@ -143,6 +143,36 @@ func TestAdaptPolicyErrors(t *testing.T) {
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("adapted config lacks %s:\n%s", want, out)
+		}
+	}
+}
+
+// TestAdaptCELStringSpellings: the Caddyfile lexer strips double quotes, so
+// `deny_if subject.sub == "client"` used to load as a comparison with the
+// `client` variable and never fire (issue 9 §1). Every CEL-bearing line, in
+// a route and in a client block, keeps each spelling's meaning.
+func TestAdaptCELStringSpellings(t *testing.T) {
+	lines := "\t\t\tdeny_if subject.sub == \"client\"\n" +
+		"\t\t\tallow_if subject.sub != 'actor'\n" +
+		"\t\t\tdeny_if `subject.sub == \"route\"`\n" +
+		"\t\t\tgrant orders.write if subject.sub == \"request\" && \"x y\" != \"a \\\"q\\\"\"\n" +
+		"\t\t\tclaim tier \"subject\"\n" +
+		"\t\t\tclaim quoted \"actor\" + 'x'\n"
+	input := "{\n\ttoken_exchange {\n\t\tissuer https://gw\n\t\tclient svc {\n\t\t\tsecret_hash x\n" + lines +
+		"\t\t}\n\t}\n}\n:8080 {\n\ttoken_exchange {\n\t\taudience a\n\t\tscope orders.write\n" + lines + "\t}\n}\n"
+	cfg, err := adapt(t, input)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := mustJSON(t, cfg)
+	for _, want := range []string{
+		`"deny_if":["subject.sub == \"client\"","subject.sub == \"route\""]`,
+		`"allow_if":["subject.sub != 'actor'"]`,
+		`"grants":[{"if":"subject.sub == \"request\" \u0026\u0026 \"x y\" != \"a \\\"q\\\"\"","scopes":["orders.write"]}]`,
+		`"computed_claims":[{"expr":"\"subject\"","name":"tier"},{"expr":"\"actor\" + 'x'","name":"quoted"}]`,
+	} {
+		if n := strings.Count(out, want); n != 2 {
+			t.Errorf("adapted config holds %s %d times, want twice (route and client):\n%s", want, n, out)
 		}
 	}
 }

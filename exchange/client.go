@@ -122,9 +122,6 @@ type ClientCredentials struct {
 	PostID, PostSecret   string
 	Assertion            string
 	AssertionType        string
-	// RequestURL is the URL this request was sent to (scheme, host, path):
-	// also accepted as an assertion's aud, since it names this server.
-	RequestURL string
 }
 
 // AuthenticatedClient is a client that proved who it is.
@@ -559,9 +556,10 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 			fmt.Sprintf("client_assertion exp lies more than %s in the future", c.maxLifetime))
 	}
 	aud, _ := tok.Audience()
-	if !slices.ContainsFunc(aud, func(a string) bool {
-		return slices.Contains(c.endpointURLs, a) || (cred.RequestURL != "" && a == cred.RequestURL)
-	}) {
+	// Only the configured token endpoint URL and issuer (RFC 7523 §3), never
+	// a URL derived from the request: its Host is the sender's to choose, so
+	// an assertion signed for another server could be replayed here.
+	if !slices.ContainsFunc(aud, func(a string) bool { return slices.Contains(c.endpointURLs, a) }) {
 		return nil, clientError("assertion_audience", "client_assertion aud must name this token endpoint")
 	}
 	jti, _ := tok.JwtID()

@@ -574,11 +574,8 @@ func TestClientAuthenticatePrivateKeyJWT(t *testing.T) {
 		{name: "valid", cred: jwtCred(sign(nil))},
 		{name: "valid with the issuer as aud", cred: jwtCred(sign(set(jwt.AudienceKey, []string{"https://other", testIssuer})))},
 		{name: "valid with aud as a string", cred: jwtCred(sign(set(jwt.AudienceKey, testEndpoint)))},
-		{name: "valid with aud the URL the request was sent to", cred: func() ClientCredentials {
-			c := jwtCred(sign(set(jwt.AudienceKey, "http://localhost:8080/oauth2/token")))
-			c.RequestURL = "http://localhost:8080/oauth2/token"
-			return c
-		}()},
+		{name: "aud another server's token endpoint (a forged Host cannot make it ours)", cred: jwtCred(sign(set(jwt.AudienceKey, "http://evil.example/oauth2/token"))),
+			kind: KindInvalidClient, reason: "assertion_audience"},
 		{name: "valid with matching client_id in the body", cred: func() ClientCredentials {
 			c := jwtCred(sign(nil))
 			c.PostID = jwtID

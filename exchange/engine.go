@@ -250,6 +250,12 @@ func (e *Engine) Verify(ctx context.Context, raw, tokenType string) (*Subject, e
 // Exchange applies policy to a verified subject and mints a token for grant.
 func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 	subject, actor := in.Subject, in.Actor
+	if grant.Impersonate && subject.Act != nil {
+		// Impersonation mints without act: the subject's prior actors would
+		// vanish and the token come out as the user's own, resetting the
+		// act depth limit (the class of bug of keycloak#52691).
+		return nil, denied("impersonate_delegated", "a token that already carries act cannot be impersonated; its delegation chain would be lost")
+	}
 	if subject.MayAct != nil {
 		if err := mayActPermits(subject.MayAct, actor, e.cfg.Issuer); err != nil {
 			return nil, denied("may_act", "subject token does not permit this actor: %v", err)

@@ -235,6 +235,25 @@ func TestExchangeImpersonationHasNoAct(t *testing.T) {
 	}
 }
 
+// TestExchangeRefusesImpersonatingADelegatedToken: impersonation would
+// launder the subject's act chain into a clean user token (issue 9 §3).
+func TestExchangeRefusesImpersonatingADelegatedToken(t *testing.T) {
+	f := newEngineFixture(t, "ES256")
+	tok := f.idp.Token(f.kid, claims{"act": map[string]any{"sub": "frontend"}})
+	_, err := f.engine.ExchangeBearer(context.Background(), tok, &Grant{Audiences: []string{"x"}, Impersonate: true}, nil)
+	if e := AsError(err); e.Kind != KindDenied || e.Reason != "impersonate_delegated" {
+		t.Fatalf("err = %v, want denied impersonate_delegated", err)
+	}
+	// Delegation keeps the chain and still works.
+	m, err := f.engine.ExchangeBearer(context.Background(), tok, &Grant{Audiences: []string{"x"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inner, _ := m.ActChain["act"].(map[string]any); inner["sub"] != "frontend" {
+		t.Fatalf("act chain %v lost the prior actor", m.ActChain)
+	}
+}
+
 func TestExchangeMissingToken(t *testing.T) {
 	f := newEngineFixture(t, "ES256")
 	_, err := f.engine.ExchangeBearer(context.Background(), "", &Grant{Audiences: []string{"x"}}, nil)

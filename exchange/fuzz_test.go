@@ -65,20 +65,42 @@ func FuzzParseTokenRequest(f *testing.F) {
 }
 
 func FuzzParseScope(f *testing.F) {
-	for _, seed := range []string{"a b c", "  a\tb  a ", "", "read:calendar calendar.events.read"} {
+	for _, seed := range []string{"a b c", "  a\tb  a ", "", "read:calendar calendar.events.read", "tenant:acme\u00a0orders.write", "a\u0085b"} {
 		f.Add(seed)
 	}
 	f.Fuzz(func(t *testing.T, s string) {
-		scopes := ParseScope(s)
+		scopes, err := ParseScope(s)
+		// The reference: RFC 6749 §3.3 with %x20 as the only delimiter.
+		valid := true
+		for _, r := range s {
+			if r != ' ' && (r < 0x21 || r > 0x7e || r == '"' || r == '\\') {
+				valid = false
+			}
+		}
+		distinct := map[string]bool{}
+		for _, f := range strings.Split(s, " ") {
+			if f != "" {
+				distinct[f] = true
+			}
+		}
+		if valid && len(distinct) > MaxScopeTokens {
+			valid = false
+		}
+		if (err == nil) != valid {
+			t.Fatalf("ParseScope(%q) err = %v, want valid=%v", s, err, valid)
+		}
 		for i, sc := range scopes {
-			if sc == "" || strings.ContainsAny(sc, " \t\n\r") {
+			if sc == "" || strings.ContainsAny(sc, " \t\n\r\u00a0\u0085") || !distinct[sc] {
 				t.Fatalf("scope %q", sc)
 			}
 			if slices.Contains(scopes[i+1:], sc) {
 				t.Fatalf("duplicate %q", sc)
 			}
 		}
-		if got := ParseScope(FormatScope(scopes)); !slices.Equal(got, scopes) {
+		if valid && len(scopes) != len(distinct) {
+			t.Fatalf("%d scopes, want %d", len(scopes), len(distinct))
+		}
+		if got, _ := ParseScope(FormatScope(scopes)); !slices.Equal(got, scopes) {
 			t.Fatalf("round trip %q -> %q", scopes, got)
 		}
 	})

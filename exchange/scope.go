@@ -1,22 +1,76 @@
 package exchange
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
 )
 
-// ParseScope splits a space-delimited scope string (RFC 6749 §3.3) into its
-// distinct scope tokens, keeping their first-seen order.
-func ParseScope(s string) []string {
-	fields := strings.Fields(s)
-	out := fields[:0]
-	for _, f := range fields {
-		if !slices.Contains(out, f) {
-			out = append(out, f)
+// MaxScopeTokens caps the scope tokens of one scope parameter or claim, so
+// every later step (mapping, intersection, rules) works on a bounded list.
+const MaxScopeTokens = 256
+
+// Ways a scope string fails RFC 6749 §3.3.
+var (
+	errScopeToken   = errors.New("scope tokens are printable ASCII without space, quote or backslash, separated by single spaces (RFC 6749 section 3.3)")
+	errTooManyScope = fmt.Errorf("more than %d scope tokens", MaxScopeTokens)
+)
+
+// ParseScope splits a scope string (RFC 6749 §3.3) into its distinct scope
+// tokens, in first-seen order. The delimiter is the space (%x20) alone: any
+// other character outside the scope-token set (tabs, NBSP, U+0085 and every
+// other Unicode space among them) makes the whole string invalid, never a
+// second delimiter. Runs of spaces are tolerated. Linear in len(s).
+func ParseScope(s string) ([]string, error) {
+	var p scopeParser
+	if err := p.add(s); err != nil {
+		return nil, err
+	}
+	return p.out, nil
+}
+
+// scopeParser collects distinct scope tokens from one or more strings.
+type scopeParser struct {
+	out  []string
+	seen map[string]struct{}
+}
+
+func (p *scopeParser) add(s string) error {
+	start := -1
+	for i := 0; i <= len(s); i++ {
+		if i == len(s) || s[i] == ' ' {
+			if start >= 0 {
+				if err := p.token(s[start:i]); err != nil {
+					return err
+				}
+				start = -1
+			}
+			continue
+		}
+		if c := s[i]; c < 0x21 || c > 0x7e || c == '"' || c == '\\' {
+			return errScopeToken
+		}
+		if start < 0 {
+			start = i
 		}
 	}
-	return out
+	return nil
+}
+
+func (p *scopeParser) token(tok string) error {
+	if p.seen == nil {
+		p.seen = make(map[string]struct{})
+	}
+	if _, dup := p.seen[tok]; dup {
+		return nil
+	}
+	if len(p.out) == MaxScopeTokens {
+		return errTooManyScope
+	}
+	p.seen[tok] = struct{}{}
+	p.out = append(p.out, tok)
+	return nil
 }
 
 // FormatScope joins scopes into the space-delimited wire form.
@@ -24,32 +78,34 @@ func FormatScope(scopes []string) string { return strings.Join(scopes, " ") }
 
 // scopesFromClaim reads the subject's scopes from a claim value: a
 // space-delimited string (`scope`, RFC 8693 §4.2) or an array of strings
-// (`scp`, as several IdPs issue). Any other shape is an error, never a guess.
+// (`scp`, as several IdPs issue). Any other shape, and any character outside
+// the scope-token set, is an error, never a guess or a silent trim.
 func scopesFromClaim(v any) ([]string, error) {
+	var p scopeParser
 	switch v := v.(type) {
 	case nil:
 		return nil, nil
 	case string:
-		return ParseScope(v), nil
+		if err := p.add(v); err != nil {
+			return nil, err
+		}
 	case []any:
-		out := make([]string, 0, len(v))
+		if len(v) > MaxScopeTokens {
+			return nil, errTooManyScope
+		}
 		for _, e := range v {
 			s, ok := e.(string)
 			if !ok {
 				return nil, fmt.Errorf("scope array holds a %T, not a string", e)
 			}
-			for _, f := range strings.Fields(s) {
-				if !slices.Contains(out, f) {
-					out = append(out, f)
-				}
+			if err := p.add(s); err != nil {
+				return nil, err
 			}
 		}
-		return out, nil
-	case []string:
-		return ParseScope(strings.Join(v, " ")), nil
 	default:
 		return nil, fmt.Errorf("scope claim is a %T, not a string or an array of strings", v)
 	}
+	return p.out, nil
 }
 
 // ScopeMap translates an issuer's scopes into the gateway's vocabulary.

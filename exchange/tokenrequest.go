@@ -179,11 +179,11 @@ func ParseTokenRequest(form url.Values) (*TokenRequest, error) {
 	}
 
 	if s := form.Get(paramScope); s != "" {
-		if !validScopeString(s) {
-			return nil, &Error{Kind: KindInvalidScope, Reason: "malformed_scope",
-				Description: "scope must be space-delimited scope tokens of printable ASCII without quote or backslash (RFC 6749 section 3.3)"}
+		scopes, err := ParseScope(s)
+		if err != nil {
+			return nil, &Error{Kind: KindInvalidScope, Reason: "malformed_scope", Description: "scope: " + err.Error()}
 		}
-		r.Scopes = ParseScope(s)
+		r.Scopes = scopes
 	}
 	return r, nil
 }
@@ -264,21 +264,6 @@ func isResourceURI(s string) bool {
 	// or "https://" with no host, names nothing).
 	if u.Opaque == "" && u.Host == "" && u.Path == "" {
 		return false
-	}
-	return true
-}
-
-// validScopeString checks a scope parameter against RFC 6749 §3.3: scope
-// tokens of %x21 / %x23-5B / %x5D-7E separated by spaces.
-func validScopeString(s string) bool {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c == ' ' {
-			continue
-		}
-		if c < 0x21 || c > 0x7e || c == '"' || c == '\\' {
-			return false
-		}
 	}
 	return true
 }
