@@ -62,6 +62,10 @@ type App struct {
 	// assertion's exp may lie (default 1h).
 	MaxAssertionLifetime caddy.Duration `json:"max_assertion_lifetime,omitempty"`
 
+	// MaxAssertionAge is how far in the past a private_key_jwt client
+	// assertion's iat may lie (default 5m); its jti is remembered that long.
+	MaxAssertionAge caddy.Duration `json:"max_assertion_age,omitempty"`
+
 	// CacheSize bounds the cache of minted tokens (default 10000 entries).
 	CacheSize int `json:"cache_size,omitempty"`
 	// CacheOff disables the cache of minted tokens.
@@ -248,6 +252,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.clients, err = exchange.NewClients(ctx, clientCfgs, exchange.ClientOptions{
 		TokenEndpointURLs:    []string{a.TokenEndpoint, a.Issuer},
 		MaxAssertionLifetime: time.Duration(a.MaxAssertionLifetime),
+		MaxAssertionAge:      time.Duration(a.MaxAssertionAge),
 		ClockSkew:            time.Duration(a.ClockSkew),
 		Logger:               a.logger,
 	})

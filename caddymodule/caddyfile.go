@@ -42,6 +42,7 @@ func init() {
 //	    max_act_depth <n>
 //	    jwks_fetch_timeout <duration>
 //	    max_assertion_lifetime <duration>
+//	    max_assertion_age <duration>
 //	    token_endpoint <url>
 //	    jwks_uri <url>
 //	    trust <issuer> {
@@ -106,6 +107,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = durationArg(d, &a.ClockSkew)
 		case "max_assertion_lifetime":
 			err = durationArg(d, &a.MaxAssertionLifetime)
+		case "max_assertion_age":
+			err = durationArg(d, &a.MaxAssertionAge)
 		case "jwks_fetch_timeout":
 			err = durationArg(d, &a.JWKSFetchTimeout)
 		case "token_endpoint":

@@ -93,12 +93,13 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	}
 
 	// Only the body counts: parameters in the URI are not part of an RFC
-	// 8693 request, and a token there would end up in access logs.
-	req, perr := exchange.ParseTokenRequest(r.PostForm)
+	// 8693 request, and a token there would end up in access logs. The
+	// client authenticates first: nothing else of the request is parsed
+	// for an anonymous caller.
+	cred, perr := exchange.ParseClientCredentials(r.PostForm)
 	if perr != nil {
 		return h.fail(w, exchange.AsError(perr), 0)
 	}
-	cred := req.ClientCredentials()
 	cred.BasicUser, cred.BasicPass, cred.HasBasic = r.BasicAuth()
 	if !cred.HasBasic && r.Header.Get("Authorization") != "" {
 		// RFC 6749 §5.2: a client that tried the Authorization header gets 401
@@ -114,6 +115,10 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 			w.Header().Set("WWW-Authenticate", `Basic realm="`+quoteSafe(h.app.Issuer)+`", charset="UTF-8"`)
 		}
 		return h.fail(w, e, 0)
+	}
+	req, perr := exchange.ParseTokenRequest(r.PostForm)
+	if perr != nil {
+		return h.fail(w, exchange.AsError(perr), 0)
 	}
 
 	issued, xerr := h.app.engine.TokenExchange(r.Context(), req, client)
@@ -149,8 +154,12 @@ func (h *EndpointHandler) fail(w http.ResponseWriter, e *exchange.Error, status 
 		status = defStatus
 	}
 	metrics.endpoint.WithLabelValues(code).Inc()
-	if e.Kind == exchange.KindServer {
+	switch e.Kind {
+	case exchange.KindServer:
 		h.logger.Error("token endpoint failed", zap.String("reason", e.Reason), zap.Error(e.Err))
+	case exchange.KindUnavailable:
+		setRetryAfter(w, e)
+		h.logger.Warn("token endpoint unavailable", zap.String("reason", e.Reason), zap.String("description", e.Description), zap.Error(e.Err))
 	}
 	// RFC 6749 §5.2 limits error_description to printable ASCII without " or \.
 	return writeJSON(w, status, map[string]string{"error": code, "error_description": quoteSafe(e.Description)})
@@ -171,9 +180,17 @@ func oauthError(k exchange.Kind) (string, int) {
 		return "invalid_scope", http.StatusBadRequest
 	case exchange.KindServer:
 		return "server_error", http.StatusInternalServerError
+	case exchange.KindUnavailable:
+		return "temporarily_unavailable", http.StatusServiceUnavailable
 	default:
 		return "invalid_request", http.StatusBadRequest
 	}
+}
+
+// setRetryAfter sets Retry-After (whole seconds, at least 1) for a 503.
+func setRetryAfter(w http.ResponseWriter, e *exchange.Error) {
+	secs := int(e.RetryAfter.Round(time.Second) / time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(max(1, secs)))
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) error {

@@ -280,6 +280,8 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 		status, code, outcome = http.StatusForbidden, "insufficient_scope", outcomeDenied
 	case exchange.KindServer:
 		status, outcome = http.StatusInternalServerError, outcomeError
+	case exchange.KindUnavailable:
+		status, outcome = http.StatusServiceUnavailable, outcomeError
 	default:
 		code = "invalid_token"
 	}
@@ -295,8 +297,15 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	if e.Err != nil {
 		fields = append(fields, zap.Error(e.Err))
 	}
-	if status == http.StatusInternalServerError {
+	switch status {
+	case http.StatusInternalServerError:
 		h.logger.Error("token exchange failed", fields...)
+		w.WriteHeader(status)
+		return nil
+	case http.StatusServiceUnavailable:
+		// A dependency failed: never a pass, never blamed on the token.
+		h.logger.Warn("token exchange unavailable", fields...)
+		setRetryAfter(w, e)
 		w.WriteHeader(status)
 		return nil
 	}

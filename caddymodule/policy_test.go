@@ -116,12 +116,12 @@ func TestAdaptPolicyErrors(t *testing.T) {
 		return "{\n\ttoken_exchange {\n\t\tissuer https://gw\n\t}\n}\n:8080 {\n\ttoken_exchange {\n\t\taudience a\n\t\tscope x\n" + body + "\n\t}\n}\n"
 	}
 	for name, tc := range map[string]struct{ input, want string }{
-		"syntax error":        {handler("\t\tallow_if subject.sub ==="), "Caddyfile:10"},
-		"non-bool condition":  {handler("\t\tdeny_if 1 + 2"), "Caddyfile:10"},
-		"unknown variable":    {handler("\t\tallow_if user.sub == 'x'"), "Caddyfile:10"},
-		"registered claim":    {handler("\t\tclaim sub 'x'"), "Caddyfile:10"},
-		"grant without if":    {handler("\t\tgrant x"), "grant needs scopes and a condition"},
-		"claim without expr":  {handler("\t\tclaim tenant"), "claim needs a name and an expression"},
+		"syntax error":                              {handler("\t\tallow_if subject.sub ==="), "Caddyfile:10"},
+		"non-bool condition":                        {handler("\t\tdeny_if 1 + 2"), "Caddyfile:10"},
+		"unknown variable":                          {handler("\t\tallow_if user.sub == 'x'"), "Caddyfile:10"},
+		"registered claim":                          {handler("\t\tclaim sub 'x'"), "Caddyfile:10"},
+		"grant without if":                          {handler("\t\tgrant x"), "grant needs scopes and a condition"},
+		"claim without expr":                        {handler("\t\tclaim tenant"), "claim needs a name and an expression"},
 		"a double-quoted string is not a condition": {handler("\t\tallow_if \"subject.sub == 'x'\""), "Caddyfile:10"},
 	} {
 		t.Run(name, func(t *testing.T) {

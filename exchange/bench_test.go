@@ -8,7 +8,13 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+
+	"golang.org/x/crypto/bcrypt"
 
 	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
 )
@@ -170,6 +176,93 @@ func BenchmarkExchangeBearerCacheHit(b *testing.B) {
 		m, err := e.ExchangeBearer(ctx, tok, grant, nil)
 		if err != nil || !m.Cached {
 			b.Fatal("not a cache hit", err)
+		}
+	}
+}
+
+// BenchmarkExchangeUnderSecretFlood shows that a flood of bad client
+// credentials at the token endpoint cannot starve the middleware path
+// (issue 9 §5). It runs the middleware's full exchange (no cache) alone
+// ("quiet"), then while 8 goroutines send wrong secrets for a bcrypt client
+// without pause, with the default bound on concurrent bcrypt work
+// ("flood-bounded") and with the bound lifted ("flood-unbounded", what
+// main did before). Compare ns/op of the three within one run; the flood
+// rows also report how many secret checks ran and how many were refused
+// 503 for want of a slot.
+//
+//	go test -run '^$' -bench ExchangeUnderSecretFlood -benchtime 3s ./exchange/
+func BenchmarkExchangeUnderSecretFlood(b *testing.B) {
+	hash, err := bcrypt.GenerateFromPassword([]byte("right"), 12)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		flood bool
+		slots int
+	}{
+		{"quiet", false, 0},
+		{"flood-bounded", true, 0},
+		{"flood-unbounded", true, 64},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			e, tok := benchEngine(b, "ES256", "ES256")
+			e.cache = nil
+			clients, err := NewClients(context.Background(), []ClientConfig{{ClientID: "svc", SecretHash: string(hash)}},
+				ClientOptions{MaxConcurrentSecretChecks: tc.slots})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer clients.Close()
+			ctx, cancel := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			var checks, busy atomic.Int64
+			if tc.flood {
+				for i := 0; i < 8; i++ {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for ctx.Err() == nil {
+							_, err := clients.Authenticate(ctx, ClientCredentials{PostID: "svc", PostSecret: "wrong"})
+							checks.Add(1)
+							if AsError(err).Kind == KindUnavailable {
+								busy.Add(1)
+							}
+						}
+					}()
+				}
+			}
+			if _, err := e.ExchangeBearer(ctx, tok, benchGrant, nil); err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for b.Loop() {
+				if _, err := e.ExchangeBearer(ctx, tok, benchGrant, nil); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			cancel()
+			wg.Wait()
+			if tc.flood {
+				b.ReportMetric(float64(checks.Load()), "secret-checks")
+				b.ReportMetric(float64(busy.Load()), "refused-503")
+			}
+		})
+	}
+}
+
+// BenchmarkParseScope64KiB parses the largest scope a 64 KiB endpoint body
+// can carry: linear, refused past MaxScopeTokens (it was quadratic, ~260 ms).
+func BenchmarkParseScope64KiB(b *testing.B) {
+	var sb strings.Builder
+	for i := 0; sb.Len() < 64<<10; i++ {
+		fmt.Fprintf(&sb, "s%d ", i%200)
+	}
+	s := sb.String()
+	for b.Loop() {
+		if _, err := ParseScope(s); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

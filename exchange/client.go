@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -41,12 +42,26 @@ const ClientAssertionTypeJWTBearer = "urn:ietf:params:oauth:client-assertion-typ
 // Defaults for client authentication.
 const (
 	// DefaultMaxAssertionLifetime is generous enough for common client
-	// libraries (zitadel/oidc signs 1h assertions); jti replay protection
-	// holds each assertion until it expires.
+	// libraries (zitadel/oidc signs 1h assertions and cannot change that).
 	DefaultMaxAssertionLifetime = time.Hour
-	DefaultMaxReplayEntries     = 100_000
-	DefaultMaxAssertionSize     = 8 << 10
-	defaultSecretCacheSize      = 1000
+	// DefaultMaxAssertionAge is how old an assertion's iat may be (RFC 7523
+	// §3 lets a server refuse an old iat): the jti of an accepted assertion
+	// is kept only that long, so the replay set stays small whatever the
+	// assertion's exp.
+	DefaultMaxAssertionAge = 5 * time.Minute
+	// DefaultMaxReplayEntries bounds the jti records of one client: a client
+	// that exceeds it is refused until its records expire; others are not.
+	DefaultMaxReplayEntries = 50_000
+	DefaultMaxAssertionSize = 8 << 10
+	defaultSecretCacheSize  = 1000
+	// DefaultSecretCheckWait is how long a secret check waits for a bcrypt
+	// slot before the request is answered 503.
+	DefaultSecretCheckWait = 250 * time.Millisecond
+	// secretCheckRetryAfter is the Retry-After of that 503.
+	secretCheckRetryAfter = time.Second
+	// replayFullRetryAfter is the Retry-After for a client whose jti
+	// records are all live.
+	replayFullRetryAfter = 30 * time.Second
 	// bcryptMaxPassword: bcrypt reads at most 72 bytes, and
 	// bcrypt.GenerateFromPassword refuses longer secrets, so a longer one
 	// can never be right; refusing it keeps a 72-byte prefix from passing.
@@ -96,8 +111,11 @@ type ClientOptions struct {
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 	// MaxAssertionLifetime: how far in the future a client assertion's exp
-	// may lie (default 5m).
+	// may lie (default DefaultMaxAssertionLifetime, 1h).
 	MaxAssertionLifetime time.Duration
+	// MaxAssertionAge: how far in the past a client assertion's iat may lie
+	// (default DefaultMaxAssertionAge, 5m). iat is required.
+	MaxAssertionAge time.Duration
 	// HTTPClient fetches jwks_url (default: a client with DefaultFetchTimeout).
 	HTTPClient *http.Client
 	// ClockSkew tolerated on assertion exp/nbf/iat (default DefaultClockSkew).
@@ -105,10 +123,18 @@ type ClientOptions struct {
 	// RefetchInterval is the least time between two forced fetches of one
 	// jwks_url on an unknown kid (default DefaultRefetchInterval).
 	RefetchInterval time.Duration
-	// MaxReplayEntries caps the jti replay cache (default 100000). When it is
-	// full of unexpired entries, new assertions are refused (KindServer)
-	// rather than an entry evicted early.
+	// MaxReplayEntries caps the jti records of each client (default
+	// DefaultMaxReplayEntries). When a client's records are all live, its
+	// new assertions are refused (KindUnavailable) rather than a record
+	// evicted early; other clients are not affected.
 	MaxReplayEntries int
+	// MaxConcurrentSecretChecks bounds the bcrypt comparisons running at
+	// once (default: half the CPUs, at least one), so a flood of wrong
+	// secrets or unknown client_ids cannot take every core.
+	MaxConcurrentSecretChecks int
+	// SecretCheckWait is how long a check waits for a free slot before it
+	// fails with KindUnavailable (default DefaultSecretCheckWait).
+	SecretCheckWait time.Duration
 	// Logger reports JWKS fetch failures (default: none).
 	Logger *zap.Logger
 }
@@ -140,9 +166,15 @@ type Clients struct {
 	endpointURLs []string
 	now          func() time.Time
 	maxLifetime  time.Duration
+	maxAge       time.Duration
 	skew         time.Duration
 	maxCost      int
 	logger       *zap.Logger
+
+	// bcryptSlots bounds concurrent bcrypt work; bcryptWait is how long a
+	// check waits for a slot.
+	bcryptSlots chan struct{}
+	bcryptWait  time.Duration
 
 	cache  *jwk.Cache
 	cancel context.CancelFunc
@@ -185,8 +217,10 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 		clients:     make(map[string]*registeredClient, len(cfgs)),
 		now:         opts.Now,
 		maxLifetime: opts.MaxAssertionLifetime,
+		maxAge:      opts.MaxAssertionAge,
 		skew:        opts.ClockSkew,
 		logger:      opts.Logger,
+		bcryptWait:  opts.SecretCheckWait,
 	}
 	if c.now == nil {
 		c.now = time.Now
@@ -194,6 +228,17 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 	if c.maxLifetime <= 0 {
 		c.maxLifetime = DefaultMaxAssertionLifetime
 	}
+	if c.maxAge <= 0 {
+		c.maxAge = DefaultMaxAssertionAge
+	}
+	if c.bcryptWait <= 0 {
+		c.bcryptWait = DefaultSecretCheckWait
+	}
+	slots := opts.MaxConcurrentSecretChecks
+	if slots <= 0 {
+		slots = max(1, runtime.GOMAXPROCS(0)/2)
+	}
+	c.bcryptSlots = make(chan struct{}, slots)
 	if c.skew <= 0 {
 		c.skew = DefaultClockSkew
 	}
@@ -412,12 +457,12 @@ func (c *Clients) authenticate(ctx context.Context, cred ClientCredentials) (*Au
 		if cred.PostID != "" && cred.PostID != id {
 			return nil, clientError("client_id_mismatch", "client_id in the body does not match the Basic credentials")
 		}
-		return c.checkSecret(id, secret, ClientAuthSecretBasic)
+		return c.checkSecret(ctx, id, secret, ClientAuthSecretBasic)
 	case post:
 		if cred.PostID == "" {
 			return nil, badRequest("missing_client_id", "client_secret requires client_id")
 		}
-		return c.checkSecret(cred.PostID, cred.PostSecret, ClientAuthSecretPost)
+		return c.checkSecret(ctx, cred.PostID, cred.PostSecret, ClientAuthSecretPost)
 	default:
 		return c.checkAssertion(ctx, cred)
 	}
@@ -431,7 +476,7 @@ func clientError(reason, description string) *Error {
 	return &Error{Kind: KindInvalidClient, Reason: reason, Description: description}
 }
 
-func (c *Clients) checkSecret(id, secret, method string) (*AuthenticatedClient, *Error) {
+func (c *Clients) checkSecret(ctx context.Context, id, secret, method string) (*AuthenticatedClient, *Error) {
 	if secret == "" || len(secret) > bcryptMaxPassword {
 		return nil, clientError("bad_secret", authFailed)
 	}
@@ -439,7 +484,9 @@ func (c *Clients) checkSecret(id, secret, method string) (*AuthenticatedClient, 
 	if !ok || rc.hash == nil {
 		// Spend what a real check costs, so timing does not tell an
 		// unknown client (or one with another method) from a wrong secret.
-		c.dummyCompare(secret)
+		if err := c.dummyCompare(ctx, secret); err != nil {
+			return nil, err
+		}
 		if !ok {
 			return nil, clientError("unknown_client", authFailed)
 		}
@@ -447,7 +494,11 @@ func (c *Clients) checkSecret(id, secret, method string) (*AuthenticatedClient, 
 	}
 	key := c.secrets.key(id, rc.hash, secret)
 	if !c.secrets.has(key) {
-		if bcrypt.CompareHashAndPassword(rc.hash, []byte(secret)) != nil {
+		match, err := c.compareHash(ctx, rc.hash, secret)
+		if err != nil {
+			return nil, err
+		}
+		if !match {
 			return nil, clientError("bad_secret", authFailed)
 		}
 		c.secrets.add(key)
@@ -455,20 +506,42 @@ func (c *Clients) checkSecret(id, secret, method string) (*AuthenticatedClient, 
 	return &AuthenticatedClient{ClientID: id, Method: method, Config: rc.cfg}, nil
 }
 
+// compareHash runs one bcrypt comparison in a bounded slot. bcrypt costs up
+// to a second of CPU at high costs, and anyone can make us run it (an
+// unknown client_id or a wrong secret): without the bound, a flood of bad
+// credentials takes every core from the middleware. A check that finds no
+// slot within bcryptWait is refused with KindUnavailable (503, Retry-After).
+func (c *Clients) compareHash(ctx context.Context, hash []byte, secret string) (bool, *Error) {
+	timer := time.NewTimer(c.bcryptWait)
+	defer timer.Stop()
+	select {
+	case c.bcryptSlots <- struct{}{}:
+	case <-timer.C:
+		return false, &Error{Kind: KindUnavailable, Reason: "secret_checks_busy",
+			Description: "too many client authentications in progress; retry later", RetryAfter: secretCheckRetryAfter}
+	case <-ctx.Done():
+		return false, &Error{Kind: KindUnavailable, Reason: "canceled", Description: "request canceled", RetryAfter: secretCheckRetryAfter}
+	}
+	defer func() { <-c.bcryptSlots }()
+	return bcrypt.CompareHashAndPassword(hash, []byte(secret)) == nil, nil
+}
+
 // dummyCompare runs one bcrypt comparison at the highest configured cost
 // against a hash no secret matches.
-func (c *Clients) dummyCompare(secret string) {
+func (c *Clients) dummyCompare(ctx context.Context, secret string) *Error {
 	if c.maxCost == 0 {
-		return // no secret clients: nothing to hide
+		return nil // no secret clients: nothing to hide
 	}
 	c.dummyOnce.Do(func() {
 		var pw [32]byte
 		_, _ = rand.Read(pw[:])
 		c.dummyHash, _ = bcrypt.GenerateFromPassword([]byte(base64.RawURLEncoding.EncodeToString(pw[:])), c.maxCost)
 	})
-	if c.dummyHash != nil {
-		_ = bcrypt.CompareHashAndPassword(c.dummyHash, []byte(secret))
+	if c.dummyHash == nil {
+		return nil
 	}
+	_, err := c.compareHash(ctx, c.dummyHash, secret)
+	return err
 }
 
 // checkAssertion verifies a private_key_jwt client assertion (RFC 7523 §3).
@@ -505,6 +578,10 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 	payload, err := base64.RawURLEncoding.Strict().DecodeString(p64)
 	if err != nil {
 		return nil, clientError("malformed_assertion", "client_assertion payload is not valid base64url")
+	}
+	if err := checkStrictJSON(payload); err != nil {
+		return nil, &Error{Kind: KindInvalidClient, Reason: "malformed_assertion",
+			Description: "client_assertion payload is not strict JSON (a duplicate member or invalid UTF-8)", Err: err}
 	}
 	tok := jwt.New()
 	if err := json.Unmarshal(payload, tok); err != nil {
@@ -555,6 +632,14 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 		return nil, clientError("assertion_lifetime",
 			fmt.Sprintf("client_assertion exp lies more than %s in the future", c.maxLifetime))
 	}
+	iat, ok := tok.IssuedAt()
+	if !ok {
+		return nil, clientError("assertion_missing_iat", "client_assertion has no iat")
+	}
+	if iat.Before(now.Add(-c.maxAge - c.skew)) {
+		return nil, clientError("assertion_too_old",
+			fmt.Sprintf("client_assertion iat lies more than %s in the past", c.maxAge))
+	}
 	aud, _ := tok.Audience()
 	// Only the configured token endpoint URL and issuer (RFC 7523 §3), never
 	// a URL derived from the request: its Host is the sender's to choose, so
@@ -567,14 +652,18 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 		return nil, clientError("assertion_missing_jti", "client_assertion has no jti")
 	}
 	// Only a verified assertion takes a place in the replay cache, so no one
-	// but a client holding its key can fill it. It stays until the assertion
-	// could no longer pass the exp check.
-	switch c.replay.add(sub, jti, exp.Add(c.skew), now) {
+	// but a client holding its key can fill it, and only its own part. It
+	// stays until the assertion could no longer pass the exp or iat check.
+	until := iat.Add(c.maxAge)
+	if exp.Before(until) {
+		until = exp
+	}
+	switch c.replay.add(sub, jti, until.Add(c.skew), now) {
 	case errReplayed:
 		return nil, clientError("assertion_replayed", "client_assertion jti was already used")
 	case errReplayFull:
-		return nil, &Error{Kind: KindServer, Reason: "replay_cache_full",
-			Description: "too many client assertions in flight; retry later"}
+		return nil, &Error{Kind: KindUnavailable, Reason: "replay_cache_full",
+			Description: "too many client assertions of this client in flight; retry later", RetryAfter: replayFullRetryAfter}
 	}
 	return &AuthenticatedClient{ClientID: sub, Method: ClientAuthPrivateKeyJWT, Config: rc.cfg}, nil
 }
@@ -690,45 +779,69 @@ var (
 )
 
 // replayCache remembers the jti of every accepted client assertion until it
-// expires. It is bounded: when full of live entries it refuses new ones, it
-// never forgets a live jti early (that would reopen the replay window).
+// can no longer pass the time checks. Each client has its own bounded set:
+// when a client's set is full of live entries, that client's new assertions
+// are refused; a live jti is never forgotten early (that would reopen the
+// replay window), and no client can crowd out another.
 type replayCache struct {
 	mu        sync.Mutex
-	m         map[[sha256.Size]byte]time.Time
+	clients   map[string]*clientReplay
 	max       int
 	lastSweep time.Time
 }
 
-func newReplayCache(size int) *replayCache {
-	return &replayCache{m: make(map[[sha256.Size]byte]time.Time), max: size}
+type clientReplay struct {
+	jtis      map[[sha256.Size]byte]time.Time
+	lastSweep time.Time
+}
+
+func newReplayCache(perClient int) *replayCache {
+	return &replayCache{clients: make(map[string]*clientReplay), max: perClient}
 }
 
 // add records clientID+jti until until. It returns errReplayed when that jti
-// is still recorded, errReplayFull when there is no room.
+// is still recorded, errReplayFull when the client has no room.
 func (r *replayCache) add(clientID, jti string, until, now time.Time) error {
 	// A hash keeps each entry small however long the jti is.
-	k := sha256.Sum256([]byte(clientID + "\x00" + jti))
+	k := sha256.Sum256([]byte(jti))
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if exp, ok := r.m[k]; ok && now.Before(exp) {
+	if now.Sub(r.lastSweep) >= replaySweepInterval {
+		r.sweepAll(now)
+	}
+	cr := r.clients[clientID]
+	if cr == nil {
+		cr = &clientReplay{jtis: make(map[[sha256.Size]byte]time.Time)}
+		r.clients[clientID] = cr
+	}
+	if exp, ok := cr.jtis[k]; ok && now.Before(exp) {
 		return errReplayed
 	}
-	if now.Sub(r.lastSweep) >= replaySweepInterval ||
-		(len(r.m) >= r.max && now.Sub(r.lastSweep) >= replayFullSweepGap) {
-		r.sweep(now)
+	if len(cr.jtis) >= r.max && now.Sub(cr.lastSweep) >= replayFullSweepGap {
+		cr.sweep(now)
 	}
-	if _, ok := r.m[k]; !ok && len(r.m) >= r.max {
+	if _, ok := cr.jtis[k]; !ok && len(cr.jtis) >= r.max {
 		return errReplayFull
 	}
-	r.m[k] = until
+	cr.jtis[k] = until
 	return nil
 }
 
-func (r *replayCache) sweep(now time.Time) {
+func (r *replayCache) sweepAll(now time.Time) {
 	r.lastSweep = now
-	for k, exp := range r.m {
+	for id, cr := range r.clients {
+		cr.sweep(now)
+		if len(cr.jtis) == 0 {
+			delete(r.clients, id)
+		}
+	}
+}
+
+func (cr *clientReplay) sweep(now time.Time) {
+	cr.lastSweep = now
+	for k, exp := range cr.jtis {
 		if !now.Before(exp) {
-			delete(r.m, k)
+			delete(cr.jtis, k)
 		}
 	}
 }
@@ -736,5 +849,9 @@ func (r *replayCache) sweep(now time.Time) {
 func (r *replayCache) len() int {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return len(r.m)
+	n := 0
+	for _, cr := range r.clients {
+		n += len(cr.jtis)
+	}
+	return n
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/lestrrat-go/jwx/v3/jwa"
 	"github.com/lestrrat-go/jwx/v3/jwk"
+	"github.com/lestrrat-go/jwx/v3/jws"
 	"github.com/lestrrat-go/jwx/v3/jwt"
 	"golang.org/x/crypto/bcrypt"
 )
@@ -758,7 +760,7 @@ func TestClientAssertionReplayCacheFull(t *testing.T) {
 		}
 	}
 	_, err := f.c.Authenticate(ctx, jwtCred(signAssertion(t, f.key, jwtID, f.now(), nil)))
-	wantAuthError(t, err, KindServer, "replay_cache_full")
+	wantAuthError(t, err, KindUnavailable, "replay_cache_full")
 	if n := f.c.replay.len(); n != 2 {
 		t.Errorf("replay cache holds %d entries, want 2 (no live entry evicted)", n)
 	}
@@ -769,8 +771,124 @@ func TestClientAssertionReplayCacheFull(t *testing.T) {
 	}
 }
 
+// TestClientAssertionReplayBoundIsPerClient: one client filling its jti
+// records must not lock any other client out of private_key_jwt (issue 9
+// §4); before, the replay cache was one global pool.
+func TestClientAssertionReplayBoundIsPerClient(t *testing.T) {
+	f := newJWTFixture(t, ClientOptions{MaxReplayEntries: 3})
+	ctx := context.Background()
+	otherKey := newES256(t, "o1", true)
+	c, err := NewClients(ctx, []ClientConfig{
+		{ClientID: "noisy-svc", JWKSFile: writeJWKS(t, publicJWKS(t, f.key))},
+		{ClientID: "quiet-svc", JWKSFile: writeJWKS(t, publicJWKS(t, otherKey))},
+	}, ClientOptions{TokenEndpointURLs: []string{testEndpoint}, Now: f.now, MaxReplayEntries: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := 0; i < 3; i++ {
+		if _, err := c.Authenticate(ctx, jwtCred(signAssertion(t, f.key, "noisy-svc", f.now(), nil))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err = c.Authenticate(ctx, jwtCred(signAssertion(t, f.key, "noisy-svc", f.now(), nil)))
+	e := wantAuthError(t, err, KindUnavailable, "replay_cache_full")
+	if e.RetryAfter <= 0 {
+		t.Error("no Retry-After for a full replay set")
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := c.Authenticate(ctx, jwtCred(signAssertion(t, otherKey, "quiet-svc", f.now(), nil))); err != nil {
+			t.Fatalf("another client was locked out by the noisy one: %v", err)
+		}
+	}
+}
+
+// TestClientAssertionIatWindow: iat is required and may be at most
+// max_assertion_age old, whatever exp says (zitadel/oidc signs 1h
+// assertions); the jti is remembered only until that window closes, so the
+// replay set stays small (issue 9 §4).
+func TestClientAssertionIatWindow(t *testing.T) {
+	f := newJWTFixture(t, ClientOptions{MaxAssertionAge: 2 * time.Minute})
+	ctx := context.Background()
+	hour := func(tok jwt.Token) { _ = tok.Set(jwt.ExpirationKey, f.now().Add(time.Hour)) }
+	_, err := f.c.Authenticate(ctx, jwtCred(signAssertion(t, f.key, jwtID, f.now(), func(tok jwt.Token) { hour(tok); _ = tok.Remove(jwt.IssuedAtKey) })))
+	wantAuthError(t, err, KindInvalidClient, "assertion_missing_iat")
+	_, err = f.c.Authenticate(ctx, jwtCred(signAssertion(t, f.key, jwtID, f.now().Add(-3*time.Minute), hour)))
+	wantAuthError(t, err, KindInvalidClient, "assertion_too_old")
+
+	// A 1h assertion issued now is accepted; its jti is kept for the iat
+	// window (+ skew), not for the hour.
+	a := signAssertion(t, f.key, jwtID, f.now(), hour)
+	if _, err := f.c.Authenticate(ctx, jwtCred(a)); err != nil {
+		t.Fatalf("1h assertion: %v", err)
+	}
+	_, err = f.c.Authenticate(ctx, jwtCred(a))
+	wantAuthError(t, err, KindInvalidClient, "assertion_replayed")
+	f.advance(2*time.Minute + DefaultClockSkew + replaySweepInterval)
+	_, err = f.c.Authenticate(ctx, jwtCred(a))
+	wantAuthError(t, err, KindInvalidClient, "assertion_too_old")
+	if _, err := f.c.Authenticate(ctx, jwtCred(signAssertion(t, f.key, jwtID, f.now(), hour))); err != nil {
+		t.Fatal(err)
+	}
+	if n := f.c.replay.len(); n != 1 {
+		t.Errorf("replay cache holds %d entries, want 1 (the old jti is gone once its iat window closed)", n)
+	}
+}
+
+// TestClientAssertionStrictJSON: assertions get the strict JSON checks of
+// subject tokens (duplicate members would let two parsers disagree).
+func TestClientAssertionStrictJSON(t *testing.T) {
+	f := newJWTFixture(t, ClientOptions{})
+	now := f.now()
+	for name, payload := range map[string]string{
+		"duplicate sub": fmt.Sprintf(`{"iss":%q,"sub":%q,"sub":"other-svc","aud":%q,"iat":%d,"exp":%d,"jti":"dup"}`, jwtID, jwtID, testEndpoint, now.Unix(), now.Add(time.Minute).Unix()),
+		"invalid UTF-8": fmt.Sprintf(`{"iss":%q,"sub":%q,"aud":%q,"iat":%d,"exp":%d,"jti":"`+"\xff"+`"}`, jwtID, jwtID, testEndpoint, now.Unix(), now.Add(time.Minute).Unix()),
+	} {
+		t.Run(name, func(t *testing.T) {
+			signed, err := jws.Sign([]byte(payload), jws.WithKey(jwa.ES256(), f.key))
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, err = f.c.Authenticate(context.Background(), jwtCred(string(signed)))
+			wantAuthError(t, err, KindInvalidClient, "malformed_assertion")
+		})
+	}
+}
+
+// TestSecretChecksAreBounded: bcrypt work runs in bounded slots; a check
+// that finds none within the wait is refused KindUnavailable with a
+// Retry-After, instead of queueing CPU work without end (issue 9 §5).
+func TestSecretChecksAreBounded(t *testing.T) {
+	c, err := NewClients(context.Background(), []ClientConfig{{ClientID: "a", SecretHash: bcryptHash(t, "right")}},
+		ClientOptions{MaxConcurrentSecretChecks: 1, SecretCheckWait: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.bcryptSlots <- struct{}{} // a check in progress holds the only slot
+	for name, cred := range map[string]ClientCredentials{
+		"wrong secret":   {PostID: "a", PostSecret: "wrong"},
+		"unknown client": {PostID: "nobody", PostSecret: "x"},
+	} {
+		_, err := c.Authenticate(context.Background(), cred)
+		if e := wantAuthError(t, err, KindUnavailable, "secret_checks_busy"); e.RetryAfter <= 0 {
+			t.Errorf("%s: no Retry-After", name)
+		}
+	}
+	<-c.bcryptSlots
+	if _, err := c.Authenticate(context.Background(), ClientCredentials{PostID: "a", PostSecret: "right"}); err != nil {
+		t.Fatalf("with a free slot: %v", err)
+	}
+	// A verified secret is cached: it needs no slot any more.
+	c.bcryptSlots <- struct{}{}
+	defer func() { <-c.bcryptSlots }()
+	if _, err := c.Authenticate(context.Background(), ClientCredentials{PostID: "a", PostSecret: "right"}); err != nil {
+		t.Fatalf("cached secret needed a slot: %v", err)
+	}
+}
+
 func TestReplayCache(t *testing.T) {
-	r := newReplayCache(3)
+	r := newReplayCache(2) // per client
 	t0 := time.Unix(1_700_000_000, 0)
 	if err := r.add("c", "a", t0.Add(time.Minute), t0); err != nil {
 		t.Fatal(err)
@@ -785,21 +903,26 @@ func TestReplayCache(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := r.add("c", "c", t0.Add(5*time.Minute), t0); !errors.Is(err, errReplayFull) {
-		t.Errorf("full cache: %v", err)
+		t.Errorf("full client: %v", err)
 	}
-	// After a, c\x00a expired and a sweep is due, they are dropped.
+	if err := r.add("d", "c", t0.Add(5*time.Minute), t0); err != nil {
+		t.Errorf("another client refused because c is full: %v", err)
+	}
+	// Once a expired, c has room again; its live entry b is kept.
 	t1 := t0.Add(2 * time.Minute)
 	if err := r.add("c", "c", t1.Add(time.Minute), t1); err != nil {
 		t.Fatalf("after sweep: %v", err)
 	}
-	if n := r.len(); n != 2 {
-		t.Errorf("%d entries after sweep, want 2", n)
-	}
-	if err := r.add("c", "a", t1.Add(time.Minute), t1); err != nil {
-		t.Errorf("expired jti not reusable: %v", err)
-	}
 	if err := r.add("c", "b", t1.Add(time.Minute), t1); !errors.Is(err, errReplayed) {
 		t.Errorf("live entry forgotten: %v", err)
+	}
+	// After the periodic sweep, expired clients' records are all gone.
+	t2 := t0.Add(time.Hour)
+	if err := r.add("e", "x", t2.Add(time.Minute), t2); err != nil {
+		t.Fatal(err)
+	}
+	if n := r.len(); n != 1 {
+		t.Errorf("%d entries after the sweep, want 1", n)
 	}
 }
 

@@ -3,6 +3,7 @@ package exchange
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Kind classifies why an exchange failed. Each front door maps a Kind to its
@@ -35,6 +36,9 @@ const (
 	KindUnsupportedGrantType
 	// KindServer: an internal failure (signing, storage); never the caller's fault.
 	KindServer
+	// KindUnavailable: a dependency or a bounded resource cannot answer now
+	// (503 with Retry-After); never blamed on the token or the client.
+	KindUnavailable
 )
 
 // Error is a failed exchange. Description is safe to show to the caller: it
@@ -46,6 +50,8 @@ type Error struct {
 	Reason      string
 	Description string
 	Err         error
+	// RetryAfter, with KindUnavailable, is when to try again (0: unknown).
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {

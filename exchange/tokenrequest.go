@@ -77,15 +77,26 @@ func (r *TokenRequest) SubjectTokenTypeName() string { return tokenTypeName(r.Su
 // there is no actor token.
 func (r *TokenRequest) ActorTokenTypeName() string { return tokenTypeName(r.ActorTokenType) }
 
-// ClientCredentials returns the body's client authentication parameters,
-// ready to be completed with the Authorization header's Basic credentials.
-func (r *TokenRequest) ClientCredentials() ClientCredentials {
-	return ClientCredentials{
-		PostID:        r.ClientID,
-		PostSecret:    r.ClientSecret,
-		Assertion:     r.ClientAssertion,
-		AssertionType: r.ClientAssertionType,
+// clientParams are the client authentication parameters of a token request.
+var clientParams = []string{paramClientID, paramClientSecret, paramClientAssertion, paramClientAssertionType}
+
+// ParseClientCredentials reads only the client authentication parameters of
+// a token request body, each at most once, ready to be completed with the
+// Authorization header's Basic credentials. The endpoint authenticates the
+// client with them before it parses anything else: an unauthenticated
+// caller gets no further than this.
+func ParseClientCredentials(form url.Values) (ClientCredentials, error) {
+	for _, p := range clientParams {
+		if len(form[p]) > 1 {
+			return ClientCredentials{}, badRequest("duplicate_parameter", "parameter "+p+" given more than once")
+		}
 	}
+	return ClientCredentials{
+		PostID:        form.Get(paramClientID),
+		PostSecret:    form.Get(paramClientSecret),
+		Assertion:     form.Get(paramClientAssertion),
+		AssertionType: form.Get(paramClientAssertionType),
+	}, nil
 }
 
 func tokenTypeName(urn string) string {
