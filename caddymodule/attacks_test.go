@@ -54,6 +54,19 @@ const (
 	atkRuleCl    = "rule-svc" // scope orders.read, a rule granting orders.admin
 	atkRuleSec   = "rule-svc-secret"
 	atkResource  = "https://api.example/orders"
+	atkImpCl     = "imp-svc" // may_impersonate
+	atkImpSec    = "imp-svc-secret"
+	atkCELCl     = "cel-svc" // atkCELRules
+	atkCELSec    = "cel-svc-secret"
+	atkKeyCl     = "key-svc" // private_key_jwt
+	// atkCELRules, on /cel/* and cel-svc, spell a CEL string each way
+	// users write one (issue 9 §1): a double-quoted "client" once loaded as
+	// the client variable, so that rule never fired.
+	atkCELRules = "\t\t\tdeny_if subject.sub == \"client\"\n" +
+		"\t\t\tdeny_if subject.sub == 'actor'\n" +
+		"\t\t\tdeny_if `subject.sub == \"route\"`\n" +
+		"\t\t\tdeny_if subject.sub == \"request\" || subject.sub == \"subject\"\n" +
+		"\t\t\tclaim tier \"subject\"\n"
 	atkOKSeries  = `caddy_token_exchange_exchanges_total{outcome="ok",`
 	atkEPOK      = `caddy_token_exchange_endpoint_requests_total{outcome="ok"}`
 )
@@ -106,6 +119,8 @@ type atkGateway struct {
 	*gateway
 	up   *atkUpstream
 	evil *testidp.Issuer
+	// clientKey signs the private_key_jwt assertions of atkKeyCl.
+	clientKey *ecdsa.PrivateKey
 }
 
 func startAttackGateway(t *testing.T, globalExtra string) *atkGateway {
@@ -117,6 +132,7 @@ func startAttackGateway(t *testing.T, globalExtra string) *atkGateway {
 	evil.AddKey("ec-1", "ES256") // same kid as the real key
 	evil.AddKey("rsa-1", "RS256")
 	up := newAtkUpstream(t)
+	clientKey, clientJWKS := newClientKey(t, "key-1")
 	logFile := filepath.Join(t.TempDir(), "caddy.log")
 	upstream := strings.TrimPrefix(up.URL, "http://")
 	config := fmt.Sprintf(`{
@@ -146,9 +162,25 @@ func startAttackGateway(t *testing.T, globalExtra string) *atkGateway {
 			scope orders.read
 			grant orders.admin if true
 		}
+		client %s {
+			secret_hash %s
+			audience %s
+			scope orders.read
+			may_impersonate
+		}
+		client %s {
+			secret_hash %s
+			audience %s
+			scope orders.read
+%s		}
+		client %s {
+			jwks_file %s
+			audience %s
+			scope orders.read
+		}
 	}
 }
-http://localhost:%d {
+http://:%d {
 	route /api/* {
 		%s
 		reverse_proxy %s
@@ -160,6 +192,21 @@ http://localhost:%d {
 			require_scope orders.read
 			grant orders.admin if true
 		}
+		reverse_proxy %s
+	}
+	route /imp/* {
+		token_exchange {
+			audience %s
+			scope orders.read
+			mode impersonation
+		}
+		reverse_proxy %s
+	}
+	route /cel/* {
+		token_exchange {
+			audience %s
+			scope orders.read
+%s		}
 		reverse_proxy %s
 	}
 	handle /oauth2/token {
@@ -174,11 +221,15 @@ http://localhost:%d {
 		atkClient, bcryptHash(t, atkSecret), audOrders, atkResource,
 		atkNarrow, bcryptHash(t, atkNarrowSec), audOrders,
 		atkRuleCl, bcryptHash(t, atkRuleSec), audOrders,
-		gatewayPort, defaultRoute, upstream, atkRuleAud, upstream)
+		atkImpCl, bcryptHash(t, atkImpSec), audOrders,
+		atkCELCl, bcryptHash(t, atkCELSec), audOrders, atkCELRules,
+		atkKeyCl, clientJWKS, audOrders,
+		gatewayPort, defaultRoute, upstream, atkRuleAud, upstream,
+		audOrders, upstream, audOrders, atkCELRules, upstream)
 	tester := caddytest.NewTester(t)
 	tester.InitServer(config, "caddyfile")
 	fltWarmUp(t, tester)
-	return &atkGateway{gateway: &gateway{tester: tester, idp: idp, logFile: logFile}, up: up, evil: evil}
+	return &atkGateway{gateway: &gateway{tester: tester, idp: idp, logFile: logFile}, up: up, evil: evil, clientKey: clientKey}
 }
 
 // atkReq is one request to the middleware.
@@ -187,6 +238,7 @@ type atkReq struct {
 	headers [][2]string // added in order, so a name may repeat
 	query   string
 	trailer http.Header // sent as HTTP/1.1 chunked trailers
+	form    string      // a POST body sent as application/x-www-form-urlencoded
 }
 
 func atkBearer(tok string) [][2]string { return [][2]string{{"Authorization", "Bearer " + tok}} }
@@ -205,9 +257,15 @@ func (g *atkGateway) mw(t *testing.T, r atkReq) (*http.Response, string) {
 	if r.trailer != nil {
 		method, body = http.MethodPost, io.MultiReader(strings.NewReader("payload")) // unknown length: chunked
 	}
+	if r.form != "" {
+		method, body = http.MethodPost, strings.NewReader(r.form)
+	}
 	req, err := http.NewRequest(method, u, body)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if r.form != "" {
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	}
 	for _, h := range r.headers {
 		req.Header.Add(h[0], h[1])
@@ -267,6 +325,31 @@ func (g *atkGateway) minted(t *testing.T) float64 {
 		}
 	}
 	return n
+}
+
+// pctReq builds a request that carries tok in the Authorization header and,
+// through build, somewhere else in another encoding.
+func pctReq(tok string, build func(string) atkReq) atkReq {
+	r := build(tok)
+	r.headers = append(atkBearer(tok), r.headers...)
+	return r
+}
+
+// atkPct percent-encodes every byte of s.
+func atkPct(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		fmt.Fprintf(&b, "%%%02X", s[i])
+	}
+	return b.String()
+}
+
+func atkManyScopes(n int) string {
+	s := make([]string, n)
+	for i := range s {
+		s[i] = fmt.Sprint("s", i)
+	}
+	return strings.Join(s, " ")
 }
 
 // ---- token forging helpers ----
@@ -465,6 +548,75 @@ func TestAttackCatalogue(t *testing.T) {
 
 	// ---- controls: what the forgeries are built from does work ----
 	var minted string
+	t.Run("controls of issue 9", func(t *testing.T) {
+		// The CEL route and client serve everyone their rules do not deny,
+		// and `claim tier "subject"` is the string, not the variable.
+		alice := idp.Token("ec-1", testidp.Claims{"scope": "orders.read"})
+		if resp, body := g.mw(t, atkReq{path: "/cel/x", headers: atkBearer(alice)}); resp.StatusCode != http.StatusOK {
+			t.Fatalf("/cel/ for alice: %d %s %s", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), body)
+		}
+		tok, err := jwt.ParseInsecure([]byte(strings.TrimPrefix(g.up.last().header.Get("Authorization"), "Bearer ")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := claimString(tok, "tier"); got != "subject" {
+			t.Errorf(`claim tier "subject" minted %q`, got)
+		}
+		if r := g.ep(t, exchangeForm(alice), atkCELCl, atkCELSec); r.status != http.StatusOK {
+			t.Fatalf("cel-svc for alice: %d %s", r.status, r.raw)
+		}
+		// The impersonation route and client serve an undelegated subject.
+		if resp, _ := g.mw(t, atkReq{path: "/imp/x", headers: atkBearer(alice)}); resp.StatusCode != http.StatusOK {
+			t.Fatalf("/imp/ for alice: %d", resp.StatusCode)
+		}
+		if r := g.ep(t, exchangeForm(alice), atkImpCl, atkImpSec); r.status != http.StatusOK {
+			t.Fatalf("imp-svc for alice: %d %s", r.status, r.raw)
+		}
+		// A form body without a token reaches the upstream whole.
+		if resp, _ := g.mw(t, atkReq{headers: atkBearer(alice), form: "a=1&b=%20two"}); resp.StatusCode != http.StatusOK {
+			t.Fatalf("form body: %d", resp.StatusCode)
+		}
+	})
+
+	// Issue 9 §2: the site answers any Host, so an assertion a client
+	// signed for another server's token endpoint was accepted when the
+	// request named that server in Host. Only the configured token
+	// endpoint and issuer are an assertion's audience.
+	t.Run("private_key_jwt audience through a forged Host", func(t *testing.T) {
+		send := func(host, aud string) atkEPResp {
+			form := exchangeForm(valid, "client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+				"client_assertion", signAssertion(t, g.clientKey, "key-1", atkKeyCl, aud, nil))
+			req, err := http.NewRequest(http.MethodPost, stsTokenURL, strings.NewReader(form.Encode()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = host
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+			resp, err := g.tester.Client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			raw, _ := io.ReadAll(resp.Body)
+			out := atkEPResp{status: resp.StatusCode, raw: string(raw)}
+			_ = json.Unmarshal(raw, &out.body)
+			return out
+		}
+		if r := send("localhost:9080", gatewayIssuer+"/oauth2/token"); r.status != http.StatusOK {
+			t.Fatalf("assertion for the configured token endpoint: %d %s", r.status, r.raw)
+		}
+		before := g.minted(t)
+		for _, host := range []string{"as.other.example", "localhost:9080"} {
+			r := send(host, "http://as.other.example/oauth2/token")
+			if r.status != http.StatusUnauthorized || r.body["error"] != "invalid_client" {
+				t.Errorf("Host %s, assertion for another server: %d %s, want 401 invalid_client", host, r.status, r.raw)
+			}
+		}
+		if g.minted(t) != before {
+			t.Error("a token was minted")
+		}
+	})
+
 	t.Run("controls", func(t *testing.T) {
 		for name, tok := range map[string]string{
 			"jwx ES256":               valid,
@@ -827,6 +979,13 @@ func TestAttackCatalogue(t *testing.T) {
 	}
 	add("a token the gateway minted, presented back", minted)
 
+	// Scope tokens are delimited by %x20 alone (issue 9 §6): a scope with
+	// another (Unicode) space is malformed, never split into a grant.
+	for name, sp := range map[string]string{"NBSP": "\u00a0", "NEL (U+0085)": "\u0085", "em space": "\u2003", "tab": "\t", "line feed": "\n"} {
+		addClaims("scope split by "+name, testidp.Claims{"scope": "tenant:acme" + sp + "orders.write"})
+		addClaims("scp array element with "+name, testidp.Claims{"scope": []any{"orders.read", "tenant:acme" + sp + "orders.write"}})
+	}
+
 	// Sender-constrained tokens (issue 18): a DPoP- or mTLS-bound token
 	// presented without proof of possession is never downgraded to bearer.
 	addClaims("DPoP-bound token (cnf.jkt) as a bearer token", testidp.Claims{"scope": "orders.read", "cnf": map[string]any{"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}})
@@ -858,6 +1017,22 @@ func TestAttackCatalogue(t *testing.T) {
 		{name: "access_token in the query next to a valid header", req: atkReq{query: "access_token=" + queryToken, headers: atkBearer(fresh(12))}, status: 400, code: "invalid_request"},
 		{name: "rule grants a scope the route does not delegate", req: atkReq{path: "/rule/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"scope": nil}))}, status: 403, code: "insufficient_scope"},
 		{name: "subject holds only the rule's scope", req: atkReq{path: "/rule/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"scope": "orders.admin"}))}, status: 403, code: "insufficient_scope"},
+
+		// Issue 9: double-quoted CEL strings, impersonation of a delegated
+		// token, the token in the URI or a form body in other encodings.
+		{name: `CEL deny_if subject.sub == "client" (double quotes)`, req: atkReq{path: "/cel/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"sub": "client", "scope": "orders.read"}))}, status: 403, code: "insufficient_scope"},
+		{name: `CEL deny_if subject.sub == 'actor' (single quotes)`, req: atkReq{path: "/cel/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"sub": "actor", "scope": "orders.read"}))}, status: 403, code: "insufficient_scope"},
+		{name: "CEL deny_if in backticks", req: atkReq{path: "/cel/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"sub": "route", "scope": "orders.read"}))}, status: 403, code: "insufficient_scope"},
+		{name: `CEL deny_if ... || subject.sub == "subject"`, req: atkReq{path: "/cel/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"sub": "subject", "scope": "orders.read"}))}, status: 403, code: "insufficient_scope"},
+		{name: "impersonation route, subject already delegated (act)", req: atkReq{path: "/imp/x", headers: atkBearer(idp.Token("ec-1", testidp.Claims{"scope": "orders.read", "act": map[string]any{"sub": "frontend"}}))}, status: 403, code: "insufficient_scope"},
+		{name: "token percent-encoded in the path", req: pctReq(fresh(20), func(tok string) atkReq { return atkReq{path: "/api/x/" + atkPct(tok)} }), status: 400, code: "invalid_request"},
+		{name: "token percent-encoded twice in the path", req: pctReq(fresh(21), func(tok string) atkReq { return atkReq{path: "/api/x/" + strings.ReplaceAll(atkPct(tok), "%", "%25")} }), status: 400, code: "invalid_request"},
+		{name: "token percent-encoded in the query", req: pctReq(fresh(22), func(tok string) atkReq { return atkReq{query: "q=" + atkPct(tok)} }), status: 400, code: "invalid_request"},
+		{name: "token partly encoded after a stray %", req: pctReq(fresh(23), func(tok string) atkReq { return atkReq{query: "a=%zz&q=" + tok[:5] + atkPct(tok[5:])} }), status: 400, code: "invalid_request"},
+		{name: "access_token in a form body beside a valid header", req: atkReq{headers: atkBearer(fresh(24)), form: "a=1&access_token=" + fresh(25)}, status: 400, code: "invalid_request"},
+		{name: "access_token, key percent-encoded, in a form body", req: atkReq{headers: atkBearer(fresh(26)), form: "acc%65ss_token=" + fresh(27)}, status: 400, code: "invalid_request"},
+		{name: "the bearer token in another form field", req: pctReq(fresh(28), func(tok string) atkReq { return atkReq{form: "note=" + atkPct(tok)} }), status: 400, code: "invalid_request"},
+		{name: "form body over 64 KiB beside a header", req: atkReq{headers: atkBearer(fresh(29)), form: "pad=" + strings.Repeat("x", 64<<10)}, status: 413, code: "invalid_request"},
 	}
 	for i := range requestAttacks {
 		// A token in the URI may reach Caddy's own request logs: queryToken
@@ -895,6 +1070,11 @@ func TestAttackCatalogue(t *testing.T) {
 		{name: "own minted token as a plain JWT", form: exchangeForm(minted, "subject_token_type", urnJWT), status: 400, code: "invalid_request"},
 		{name: "own minted token as the actor token", form: exchangeForm(valid, "actor_token", minted, "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
 		{name: "refresh token as the actor token", form: exchangeForm(valid, "actor_token", refresh, "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
+		{name: `client CEL deny_if subject.sub == "client" (double quotes)`, form: exchangeForm(idp.Token("ec-1", testidp.Claims{"sub": "client", "scope": "orders.read"})), client: atkCELCl, secret: atkCELSec, status: 400, code: "invalid_request"},
+		{name: "client CEL deny_if in backticks", form: exchangeForm(idp.Token("ec-1", testidp.Claims{"sub": "route", "scope": "orders.read"})), client: atkCELCl, secret: atkCELSec, status: 400, code: "invalid_request"},
+		{name: "may_impersonate client, subject already delegated (act)", form: exchangeForm(idp.Token("ec-1", testidp.Claims{"scope": "orders.read", "act": map[string]any{"sub": "frontend"}})), client: atkImpCl, secret: atkImpSec, status: 400, code: "invalid_request"},
+		{name: "scope parameter split by NBSP", form: exchangeForm(valid, "scope", "orders.read\u00a0orders.write"), status: 400, code: "invalid_scope"},
+		{name: "scope parameter with 300 distinct scopes", form: exchangeForm(valid, "scope", atkManyScopes(300)), status: 400, code: "invalid_scope"},
 		{name: "DPoP-bound actor token without proof", form: exchangeForm(valid, "actor_token", idp.Token("ec-1", testidp.Claims{"sub": "bob", "cnf": map[string]any{"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}), "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
 		{name: "alg none actor token", form: exchangeForm(valid, "actor_token", atkJWS(`{"alg":"none"}`, atkClaims(map[string]any{"sub": "bob"}), nil), "actor_token_type", urnAccessToken), status: 400, code: "invalid_request"},
 	}

@@ -885,8 +885,15 @@ func TestEndpointExchanges(t *testing.T) {
 		s.assertIssued(t, r, urnAccessToken, "Bearer", audOrders)
 	})
 
-	t.Run("may_impersonate: no act", func(t *testing.T) {
+	t.Run("may_impersonate: a delegated subject is never laundered", func(t *testing.T) {
+		// Issue 9 §3: impersonation would drop the prior actors.
 		subject := idp.Token("ec-1", testidp.Claims{"scope": "orders.read", "act": map[string]any{"sub": "frontend"}})
+		r := s.post(t, exchangeForm(subject, "audience", audOrders), basicAuth(impClient, impSecret))
+		assertOAuthError(t, r, http.StatusBadRequest, "invalid_request")
+	})
+
+	t.Run("may_impersonate: no act", func(t *testing.T) {
+		subject := idp.Token("ec-1", testidp.Claims{"scope": "orders.read"})
 		r := s.post(t, exchangeForm(subject, "audience", audOrders), basicAuth(impClient, impSecret))
 		tok := s.assertIssued(t, r, urnAccessToken, "Bearer", audOrders)
 		if tok.Has("act") {

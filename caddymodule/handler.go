@@ -1,10 +1,14 @@
 package caddymodule
 
 import (
+	"bytes"
 	"fmt"
+	"io"
+	"mime"
 	"net"
 	"net/http"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"time"
 
@@ -127,15 +131,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	r.Trailer = nil
 	r.Header.Del("Trailer")
+	form, ferr := formBody(r)
+	if ferr != nil {
+		return h.refuse(w, r, raw, ferr)
+	}
 	minted, err := h.exchange(r, raw)
 	if err != nil {
 		return h.refuse(w, r, raw, exchange.AsError(err))
 	}
-	// A valid token must not travel in the URI either (checked once it is
-	// known to be a real token, so short junk cannot match a path).
-	if strings.Contains(r.URL.RawQuery, raw) || strings.Contains(r.URL.EscapedPath(), raw) {
+	// A valid token must not travel in the URI or a form body either, in
+	// any encoding (checked once it is known to be a real token, so short
+	// junk cannot match a path).
+	if carriesToken(r.URL.EscapedPath(), raw) || carriesToken(r.URL.RawQuery, raw) {
 		return h.refuse(w, r, raw, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_uri",
 			Description: "the bearer token must not appear in the request URI"})
+	}
+	if form != nil && carriesToken(string(form), raw) {
+		return h.refuse(w, r, raw, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_body",
+			Description: "the bearer token must not appear in the request body"})
 	}
 	r.Header.Set("Authorization", "Bearer "+minted.Token)
 
@@ -266,6 +279,102 @@ func bearerToken(r *http.Request) (string, *exchange.Error) {
 	return token, nil
 }
 
+// maxInspectedForm is the largest form body the middleware reads to look
+// for a token in it; a larger one beside a bearer header is refused (413).
+const maxInspectedForm = 64 << 10
+
+// formBody reads an application/x-www-form-urlencoded request body (at most
+// maxInspectedForm bytes) and puts it back for the upstream. RFC 6750 §2.2
+// (the access_token body parameter) is a method we do not accept: a form
+// carrying one is refused, so a token sent beside the header never reaches
+// the upstream. Other bodies are not read (nil, nil).
+func formBody(r *http.Request) ([]byte, *exchange.Error) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return nil, nil
+	}
+	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if mt != "application/x-www-form-urlencoded" {
+		return nil, nil
+	}
+	if r.ContentLength > maxInspectedForm {
+		return nil, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "form_too_large", Status: http.StatusRequestEntityTooLarge,
+			Description: fmt.Sprintf("a form body beside a bearer token may hold at most %d bytes", maxInspectedForm)}
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxInspectedForm+1))
+	if err != nil {
+		return nil, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "body", Description: "the request body could not be read"}
+	}
+	if len(body) > maxInspectedForm {
+		return nil, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "form_too_large", Status: http.StatusRequestEntityTooLarge,
+			Description: fmt.Sprintf("a form body beside a bearer token may hold at most %d bytes", maxInspectedForm)}
+	}
+	_ = r.Body.Close()
+	r.Body = io.NopCloser(bytes.NewReader(body))
+	// Every key, as a lenient form parser would read it (& or ; between
+	// pairs, percent-decoded), so no spelling slips past.
+	if slices.ContainsFunc(strings.FieldsFunc(string(body), func(r rune) bool { return r == '&' || r == ';' }), func(pair string) bool {
+		key, _, _ := strings.Cut(pair, "=")
+		return strings.TrimSpace(percentDecode(key)) == "access_token"
+	}) {
+		return nil, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "token_in_body",
+			Description: "access tokens in a form body are not accepted; use the Authorization header"}
+	}
+	return body, nil
+}
+
+// carriesToken tells whether s holds the token, literally or percent-encoded
+// (up to three layers deep, each decoded leniently: a stray % cannot hide
+// an encoded token behind a decoding error).
+func carriesToken(s, token string) bool {
+	for range 4 {
+		if strings.Contains(s, token) {
+			return true
+		}
+		d := percentDecode(s)
+		if d == s {
+			return false
+		}
+		s = d
+	}
+	return false
+}
+
+// percentDecode decodes every valid %XX (and + as space, for forms) and
+// keeps anything else as it is.
+func percentDecode(s string) string {
+	if !strings.ContainsAny(s, "%+") {
+		return s
+	}
+	b := make([]byte, 0, len(s))
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '%' && i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]):
+			b = append(b, unhex(s[i+1])<<4|unhex(s[i+2]))
+			i += 2
+		case c == '+':
+			b = append(b, ' ')
+		default:
+			b = append(b, c)
+		}
+	}
+	return string(b)
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case '0' <= c && c <= '9':
+		return c - '0'
+	case 'a' <= c && c <= 'f':
+		return c - 'a' + 10
+	default:
+		return c - 'A' + 10
+	}
+}
+
 // refuse answers a failed exchange per RFC 6750 §3 and logs it without the token.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *exchange.Error) error {
 	status, code, outcome := http.StatusUnauthorized, "", outcomeInvalidToken
@@ -274,6 +383,9 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 		// RFC 6750 §3.1: no error code when the request carried no credentials.
 	case exchange.KindInvalidRequest:
 		status, code = http.StatusBadRequest, "invalid_request"
+		if e.Status != 0 {
+			status = e.Status
+		}
 	case exchange.KindInsufficientScope:
 		status, code, outcome = http.StatusForbidden, "insufficient_scope", outcomeInsufficientScope
 	case exchange.KindDenied:

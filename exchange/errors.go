@@ -52,6 +52,9 @@ type Error struct {
 	Err         error
 	// RetryAfter, with KindUnavailable, is when to try again (0: unknown).
 	RetryAfter time.Duration
+	// Status, when set, overrides the HTTP status a front door would pick
+	// for Kind (e.g. 413 for an oversized body).
+	Status int
 }
 
 func (e *Error) Error() string {
