@@ -69,8 +69,12 @@ func nestAct(actor Actor, prior map[string]any) map[string]any {
 // mayActPermits checks the subject token's may_act claim (RFC 8693 §4.4)
 // against the actor. Every identity claim may_act names must match the actor;
 // `iss` is compared with the actor's issuer (or the gateway's own issuer when
-// the actor carries none). A may_act that names nothing is refused.
-func mayActPermits(mayAct any, actor Actor, ownIssuer string) error {
+// the actor carries none). A may_act that names nothing is refused. Without
+// `iss`, a `sub` is one of the subject token's issuer (sub values are unique
+// only per issuer): an actor token from another issuer does not match. The
+// gateway's own actor and authenticated clients (actorTokenIssuer "") are
+// matched by their configured identifiers.
+func mayActPermits(mayAct any, actor Actor, ownIssuer, subjectIssuer, actorTokenIssuer string) error {
 	obj, ok := mayAct.(map[string]any)
 	if !ok {
 		return fmt.Errorf("may_act is a %T, not a JSON object", mayAct)
@@ -99,6 +103,9 @@ func mayActPermits(mayAct any, actor Actor, ownIssuer string) error {
 	}
 	if !named {
 		return fmt.Errorf("may_act names no sub or client_id")
+	}
+	if _, hasIss := obj["iss"]; !hasIss && actorTokenIssuer != "" && actorTokenIssuer != subjectIssuer {
+		return fmt.Errorf("may_act without iss names a subject of the subject token's issuer; the actor token is from another issuer")
 	}
 	return nil
 }

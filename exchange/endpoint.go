@@ -62,6 +62,9 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	if err != nil {
 		return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
 	}
+	if subjectType == "id_token" && !issuedTo(subject, client.ClientID) {
+		return nil, badRequest("id_token_client", "subject_token: the ID token was not issued to this client")
+	}
 
 	actor := Actor{Subject: client.ClientID, ClientID: client.ClientID}
 	impersonate := false
@@ -74,6 +77,9 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 		actorSubject, err = e.Verify(ctx, req.ActorToken, actorType)
 		if err != nil {
 			return nil, asRequestError(prefixed(AsError(err), "actor_token: "))
+		}
+		if actorType == "id_token" && !issuedTo(actorSubject, client.ClientID) {
+			return nil, badRequest("id_token_client", "actor_token: the ID token was not issued to this client")
 		}
 		actor = Actor{Subject: actorSubject.Subject}
 		if actorSubject.Issuer != e.cfg.Issuer {
@@ -121,6 +127,17 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 		issued.Scope = granted
 	}
 	return issued, nil
+}
+
+// issuedTo tells whether an ID token was issued to clientID: its azp, or
+// its aud (OIDC Core §2). Any listed client_ids of the issuer are not
+// enough: one client must not exchange another client's ID tokens.
+func issuedTo(s *Subject, clientID string) bool {
+	if azp, ok := s.Claim("azp"); ok {
+		return azp == clientID
+	}
+	aud, err := audienceClaim(s.Claims())
+	return err == nil && slices.Contains(aud, clientID)
 }
 
 // asRequestError maps verification and policy failures to the codes RFC 8693

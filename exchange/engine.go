@@ -18,7 +18,7 @@ const DefaultTokenLifetime = 5 * time.Minute
 // registeredClaims may never be copied from the subject or computed by
 // configuration: they are the minting engine's to set.
 var registeredClaims = []string{
-	"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act", "scope", "client_id", "may_act", "cnf",
+	"iss", "sub", "aud", "exp", "nbf", "iat", "jti", "act", "scope", "scp", "client_id", "may_act", "cnf",
 }
 
 // IsRegisteredClaim tells whether name is one of the claims only the engine sets.
@@ -257,7 +257,11 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		return nil, denied("impersonate_delegated", "a token that already carries act cannot be impersonated; its delegation chain would be lost")
 	}
 	if subject.MayAct != nil {
-		if err := mayActPermits(subject.MayAct, actor, e.cfg.Issuer); err != nil {
+		actorTokenIssuer := ""
+		if in.ActorToken != nil {
+			actorTokenIssuer = in.ActorToken.Issuer
+		}
+		if err := mayActPermits(subject.MayAct, actor, e.cfg.Issuer, subject.Issuer, actorTokenIssuer); err != nil {
 			return nil, denied("may_act", "subject token does not permit this actor: %v", err)
 		}
 	}
@@ -278,8 +282,10 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 			return nil, &Error{Kind: KindServer, Reason: "policy", Description: "internal error", Err: err}
 		}
 		if res.Denied {
-			return nil, &Error{Kind: KindDenied, Reason: "policy", Description: "denied by policy: " + res.Reason,
-				Err: ruleErrors(res.Errors)}
+			// The rule is policy, not the caller's business: it goes to the
+			// log (Err), the caller learns only that policy denied it.
+			return nil, &Error{Kind: KindDenied, Reason: "policy", Description: "denied by policy",
+				Err: errors.Join(errors.New("rule: "+res.Reason), ruleErrors(res.Errors))}
 		}
 		// Rule grants add to what the subject holds; the route's (or
 		// client's) scope below still caps them: a rule cannot widen.

@@ -15,6 +15,11 @@ import (
 // requires exactly one JSON value. It is a single pass without allocations
 // for ordinary claims sets; full syntax is left to json.Unmarshal, which
 // runs after it.
+// maxJSONDepth bounds the nesting of a JOSE header or claims set, checked
+// before the stack (and json.Unmarshal's recursion after it) grows with it.
+// Real tokens nest a few levels (an act chain of max_act_depth 5 is 6).
+const maxJSONDepth = 32
+
 func checkStrictJSON(b []byte) error {
 	if !utf8.Valid(b) {
 		return errors.New("not valid UTF-8")
@@ -38,6 +43,9 @@ func checkStrictJSON(b []byte) error {
 		c := b[i]
 		switch {
 		case c == '{' || c == '[':
+			if len(stack) == maxJSONDepth {
+				return fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
+			}
 			stack = append(stack, frame{isObj: c == '{', expectKey: c == '{'})
 			i++
 		case c == '}' || c == ']':

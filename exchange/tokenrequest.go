@@ -1,6 +1,7 @@
 package exchange
 
 import (
+	"fmt"
 	"net/url"
 	"slices"
 	"strings"
@@ -86,6 +87,7 @@ var clientParams = []string{paramClientID, paramClientSecret, paramClientAsserti
 // client with them before it parses anything else: an unauthenticated
 // caller gets no further than this.
 func ParseClientCredentials(form url.Values) (ClientCredentials, error) {
+	form = withoutEmpty(form)
 	for _, p := range clientParams {
 		if len(form[p]) > 1 {
 			return ClientCredentials{}, badRequest("duplicate_parameter", "parameter "+p+" given more than once")
@@ -119,6 +121,7 @@ func tokenTypeName(urn string) string {
 // sent with an empty value counts as omitted; an empty audience or resource
 // is refused, though, rather than silently dropped.
 func ParseTokenRequest(form url.Values) (*TokenRequest, error) {
+	form = withoutEmpty(form)
 	for _, p := range singleParams {
 		if len(form[p]) > 1 {
 			return nil, badRequest("duplicate_parameter", "parameter "+p+" given more than once")
@@ -250,15 +253,45 @@ func repeatedParam(form url.Values, name string) ([]string, *Error) {
 		return nil, nil
 	}
 	out := make([]string, 0, len(vals))
+	seen := make(map[string]struct{}, len(vals))
 	for _, v := range vals {
-		if v == "" {
-			return nil, badRequest("empty_parameter", "parameter "+name+" must not be empty")
+		if _, dup := seen[v]; dup {
+			continue
 		}
-		if !slices.Contains(out, v) {
-			out = append(out, v)
+		if len(out) == maxTargets {
+			return nil, badRequest("too_many_targets", fmt.Sprintf("at most %d distinct %s parameters are accepted", maxTargets, name))
 		}
+		seen[v] = struct{}{}
+		out = append(out, v)
 	}
 	return out, nil
+}
+
+// maxTargets caps the distinct audience (and resource) parameters of one request.
+const maxTargets = 64
+
+// withoutEmpty drops parameters sent without a value: RFC 6749 §3.2 says to
+// treat them as omitted. The form is copied only when it holds one.
+func withoutEmpty(form url.Values) url.Values {
+	clean, copied := form, false
+	for name, vals := range form {
+		if !slices.Contains(vals, "") {
+			continue
+		}
+		if !copied {
+			clean, copied = make(url.Values, len(form)), true
+			for n, v := range form {
+				clean[n] = v
+			}
+		}
+		kept := slices.DeleteFunc(slices.Clone(vals), func(v string) bool { return v == "" })
+		if len(kept) == 0 {
+			delete(clean, name)
+		} else {
+			clean[name] = kept
+		}
+	}
+	return clean
 }
 
 // isResourceURI tells whether s is an absolute URI without a fragment, as

@@ -2,6 +2,7 @@ package exchange
 
 import (
 	"errors"
+	"fmt"
 	"net/url"
 	"reflect"
 	"strings"
@@ -74,6 +75,21 @@ func TestParseTokenRequestValid(t *testing.T) {
 			want: TokenRequest{
 				GrantType: GrantTypeTokenExchange, SubjectToken: testSubjectToken,
 				SubjectTokenType: TokenTypeAccessToken, RequestedTokenType: TokenTypeAccessToken,
+			},
+		},
+		{
+			// RFC 6749 §3.2: a parameter without a value is omitted, also
+			// a repeatable one, and an empty duplicate is no duplicate.
+			name: "empty audience, resource and duplicate scope count as omitted",
+			form: baseForm(func(f url.Values) {
+				f["audience"] = []string{"", "orders", ""}
+				f["resource"] = []string{""}
+				f["scope"] = []string{"", "a"}
+			}),
+			want: TokenRequest{
+				GrantType: GrantTypeTokenExchange, SubjectToken: testSubjectToken,
+				SubjectTokenType: TokenTypeAccessToken, RequestedTokenType: TokenTypeAccessToken,
+				Audiences: []string{"orders"}, Scopes: []string{"a"},
 			},
 		},
 		{
@@ -194,18 +210,15 @@ func TestParseTokenRequestErrors(t *testing.T) {
 		{"client_assertion_type twice", baseForm(func(f url.Values) {
 			f["client_assertion_type"] = []string{ClientAssertionTypeJWTBearer, ClientAssertionTypeJWTBearer}
 		}), KindInvalidRequest, "duplicate_parameter", []string{"parameter client_assertion_type given more than once"}, nil},
-		{"duplicate with one empty value is still a duplicate", baseForm(func(f url.Values) { f["scope"] = []string{"", "a"} }),
-			KindInvalidRequest, "duplicate_parameter", []string{"scope"}, nil},
 		{"requested_token_type refresh_token", baseForm(func(f url.Values) { f.Set("requested_token_type", TokenTypeRefreshToken) }),
 			KindInvalidRequest, "unsupported_requested_token_type", []string{TokenTypeAccessToken, TokenTypeJWT}, nil},
 		{"requested_token_type short name", baseForm(func(f url.Values) { f.Set("requested_token_type", "access_token") }),
 			KindInvalidRequest, "unsupported_requested_token_type", []string{TokenTypeAccessToken, TokenTypeJWT}, nil},
-		{"empty audience among others", baseForm(func(f url.Values) { f["audience"] = []string{"orders", ""} }),
-			KindInvalidRequest, "empty_parameter", []string{"parameter audience must not be empty"}, nil},
-		{"lone empty audience", baseForm(func(f url.Values) { f["audience"] = []string{""} }),
-			KindInvalidRequest, "empty_parameter", []string{"audience"}, nil},
-		{"empty resource", baseForm(func(f url.Values) { f["resource"] = []string{"https://a.example", ""} }),
-			KindInvalidRequest, "empty_parameter", []string{"parameter resource must not be empty"}, nil},
+		{"65 distinct audiences", baseForm(func(f url.Values) {
+			for i := 0; i < 65; i++ {
+				f.Add("audience", fmt.Sprint("aud-", i))
+			}
+		}), KindInvalidRequest, "too_many_targets", []string{"audience"}, nil},
 		{"relative resource", baseForm(func(f url.Values) { f.Set("resource", "/orders") }),
 			KindInvalidTarget, "invalid_resource", []string{"absolute URI"}, nil},
 		{"resource without scheme", baseForm(func(f url.Values) { f.Set("resource", "orders.internal") }),
