@@ -41,8 +41,14 @@ type App struct {
 	SigningKeyFile string `json:"signing_key_file,omitempty"`
 
 	// KeyRotation is accepted for forward compatibility with the design's
-	// Caddyfile; keys are not rotated automatically yet.
+	// Caddyfile; keys are not rotated automatically yet, and a warning at
+	// provision says so.
 	KeyRotation caddy.Duration `json:"key_rotation,omitempty"`
+
+	// ScopesSupported is what the RFC 8414 metadata publishes as
+	// scopes_supported. Default: nothing, so the metadata never discloses
+	// the scopes clients are configured with.
+	ScopesSupported []string `json:"scopes_supported,omitempty"`
 
 	// TokenLifetime caps the lifetime of minted tokens (default 5m); a
 	// minted token never outlives its subject token.
@@ -261,6 +267,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
 
+	if a.KeyRotation > 0 {
+		a.logger.Warn("key_rotation is accepted but signing keys are not rotated yet: the same key signs until it is replaced by hand",
+			zap.Duration("key_rotation", time.Duration(a.KeyRotation)))
+	}
 	a.logger.Info("token exchange ready",
 		zap.String("issuer", a.Issuer),
 		zap.String("signing_alg", signer.Algorithm()),

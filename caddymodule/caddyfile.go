@@ -45,6 +45,7 @@ func init() {
 //	    max_assertion_age <duration>
 //	    token_endpoint <url>
 //	    jwks_uri <url>
+//	    scopes_supported <scope...>
 //	    trust <issuer> {
 //	        jwks_url <url> | jwks_file <path>
 //	        audience <aud...>
@@ -115,6 +116,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &a.TokenEndpoint)
 		case "jwks_uri":
 			err = oneArg(d, &a.JWKSURI)
+		case "scopes_supported":
+			err = appendArgs(d, &a.ScopesSupported)
 		case "cache_size":
 			err = intArg(d, &a.CacheSize)
 		case "cache":

@@ -37,12 +37,16 @@ Tools for caddy-token-exchange.
 
 func keygenCommand() *cobra.Command {
 	var alg, out, jwksOut string
+	var force bool
 	c := &cobra.Command{
-		Use:   "keygen --out <private.jwk> [--jwks <jwks.json>] [--alg ES256]",
+		Use:   "keygen --out <private.jwk> [--jwks <jwks.json>] [--alg ES256] [--force]",
 		Short: "Generate a signing key as a JWK, and its public JWKS",
 		RunE: func(_ *cobra.Command, _ []string) error {
 			if out == "" {
 				return fmt.Errorf("--out is required")
+			}
+			if _, err := os.Lstat(out); err == nil && !force {
+				return fmt.Errorf("%s exists: refusing to replace a private key without --force", out)
 			}
 			key, err := exchange.GenerateSigningKey(alg)
 			if err != nil {
@@ -55,7 +59,7 @@ func keygenCommand() *cobra.Command {
 			if err := key.Set(jwk.AlgorithmKey, sigAlg); err != nil {
 				return err
 			}
-			if err := writeJSONFile(out, key, 0o600); err != nil {
+			if err := writePrivateJSONFile(out, key); err != nil {
 				return err
 			}
 			if jwksOut != "" {
@@ -73,6 +77,7 @@ func keygenCommand() *cobra.Command {
 	c.Flags().StringVar(&alg, "alg", exchange.DefaultSigningAlgorithm, "signing algorithm: ES256, ES384, EdDSA, RS256, PS256")
 	c.Flags().StringVar(&out, "out", "", "where to write the private JWK")
 	c.Flags().StringVar(&jwksOut, "jwks", "", "where to write the public JWKS")
+	c.Flags().BoolVar(&force, "force", false, "replace an existing --out file")
 	return c
 }
 
@@ -161,10 +166,25 @@ func mintCommand() *cobra.Command {
 	return c
 }
 
-func writeJSONFile(path string, v any, mode os.FileMode) error {
+// writePrivateJSONFile writes a private key readable by its owner only
+// (0600), also when the file existed with a wider mode (os.WriteFile keeps
+// an existing file's mode).
+func writePrivateJSONFile(path string, v any) error {
 	b, err := json.MarshalIndent(v, "", "  ")
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(path, append(b, '\n'), mode)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Chmod(0o600); err != nil {
+		_ = f.Close()
+		return err
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"mime"
 	"net/http"
+	"net/url"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -67,19 +68,19 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	w.Header().Set("Pragma", "no-cache")
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "method",
+		return h.fail(w, r, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "method",
 			Description: "the token endpoint accepts only POST"}, http.StatusMethodNotAllowed)
 	}
 	defer func() {
 		if rec := recover(); rec != nil {
 			h.logger.Error("panic in token endpoint", zap.Any("panic", rec), zap.ByteString("stack", debug.Stack()))
-			err = h.fail(w, &exchange.Error{Kind: exchange.KindServer, Reason: "panic", Description: "internal error"}, 0)
+			err = h.fail(w, r, &exchange.Error{Kind: exchange.KindServer, Reason: "panic", Description: "internal error"}, 0)
 		}
 	}()
 
 	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
 	if mt != "application/x-www-form-urlencoded" {
-		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "content_type",
+		return h.fail(w, r, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "content_type",
 			Description: "the request must be application/x-www-form-urlencoded"}, 0)
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, h.MaxRequestBody)
@@ -89,7 +90,7 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 		if errors.As(err, &tooLarge) {
 			desc = fmt.Sprintf("the request body exceeds %d bytes", h.MaxRequestBody)
 		}
-		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "body", Description: desc}, 0)
+		return h.fail(w, r, &exchange.Error{Kind: exchange.KindInvalidRequest, Reason: "body", Description: desc}, 0)
 	}
 
 	// Only the body counts: parameters in the URI are not part of an RFC
@@ -98,14 +99,14 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	// for an anonymous caller.
 	cred, perr := exchange.ParseClientCredentials(r.PostForm)
 	if perr != nil {
-		return h.fail(w, exchange.AsError(perr), 0)
+		return h.fail(w, r, exchange.AsError(perr), 0)
 	}
 	cred.BasicUser, cred.BasicPass, cred.HasBasic = r.BasicAuth()
 	if !cred.HasBasic && r.Header.Get("Authorization") != "" {
 		// RFC 6749 §5.2: a client that tried the Authorization header gets 401
 		// and a challenge naming the scheme we support.
 		w.Header().Set("WWW-Authenticate", `Basic realm="`+quoteSafe(h.app.Issuer)+`", charset="UTF-8"`)
-		return h.fail(w, &exchange.Error{Kind: exchange.KindInvalidClient, Reason: "auth_scheme",
+		return h.fail(w, r, &exchange.Error{Kind: exchange.KindInvalidClient, Reason: "auth_scheme",
 			Description: "client authentication failed"}, 0)
 	}
 	client, aerr := h.app.clients.Authenticate(r.Context(), cred)
@@ -114,26 +115,28 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 		if exchange.BasicAuthAttempted(aerr) && e.Kind == exchange.KindInvalidClient {
 			w.Header().Set("WWW-Authenticate", `Basic realm="`+quoteSafe(h.app.Issuer)+`", charset="UTF-8"`)
 		}
-		return h.fail(w, e, 0)
+		return h.fail(w, r, e, 0, zap.String("claimed_client_id", claimedClientID(cred)))
 	}
+	authenticated := zap.String("client_id", client.ClientID)
 	req, perr := exchange.ParseTokenRequest(r.PostForm)
 	if perr != nil {
-		return h.fail(w, exchange.AsError(perr), 0)
+		return h.fail(w, r, exchange.AsError(perr), 0, authenticated)
 	}
 
 	issued, xerr := h.app.engine.TokenExchange(r.Context(), req, client)
 	if xerr != nil {
 		e := exchange.AsError(xerr)
-		h.logger.Info("token exchange refused",
-			zap.String("client_id", client.ClientID),
-			zap.String("reason", e.Reason),
-			zap.String("description", e.Description),
-			zap.String("subject_token_sha256", exchange.HashToken(req.SubjectToken)))
-		return h.fail(w, e, 0)
+		fields := []zap.Field{zap.String("client_id", client.ClientID),
+			zap.String("subject_token_sha256", exchange.HashToken(req.SubjectToken))}
+		if e.SubjectSub != "" {
+			fields = append(fields, zap.String("subject_issuer", e.SubjectIssuer), zap.String("sub", e.SubjectSub))
+		}
+		return h.fail(w, r, e, 0, fields...)
 	}
 	m := issued.Minted
 	metrics.endpoint.WithLabelValues(outcomeOK).Inc()
 	h.logger.Info("token exchanged",
+		zap.String("remote_ip", remoteIP(r)),
 		zap.String("client_id", client.ClientID),
 		zap.String("client_auth", client.Method),
 		zap.String("sub", m.Subject),
@@ -147,19 +150,32 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	return writeJSON(w, http.StatusOK, issued)
 }
 
-// fail writes an RFC 6749 §5.2 error. status 0 picks the one the code implies.
-func (h *EndpointHandler) fail(w http.ResponseWriter, e *exchange.Error, status int) error {
+// fail writes an RFC 6749 §5.2 error, and the one log line of every refused
+// request: who (the client, authenticated or claimed), from where, and why;
+// never a secret or a token. status 0 picks the one the code implies.
+func (h *EndpointHandler) fail(w http.ResponseWriter, r *http.Request, e *exchange.Error, status int, fields ...zap.Field) error {
 	code, defStatus := oauthError(e.Kind)
 	if status == 0 {
 		status = defStatus
 	}
 	metrics.endpoint.WithLabelValues(code).Inc()
+	fields = append(fields,
+		zap.String("remote_ip", remoteIP(r)),
+		zap.String("error", code),
+		zap.String("reason", e.Reason),
+		zap.String("description", e.Description),
+		zap.Int("status", status))
+	if e.Err != nil && e.Kind != exchange.KindInvalidClient {
+		fields = append(fields, zap.Error(e.Err))
+	}
 	switch e.Kind {
 	case exchange.KindServer:
-		h.logger.Error("token endpoint failed", zap.String("reason", e.Reason), zap.Error(e.Err))
+		h.logger.Error("token endpoint failed", fields...)
 	case exchange.KindUnavailable:
 		setRetryAfter(w, e)
-		h.logger.Warn("token endpoint unavailable", zap.String("reason", e.Reason), zap.String("description", e.Description), zap.Error(e.Err))
+		h.logger.Warn("token endpoint unavailable", fields...)
+	default:
+		h.logger.Info("token exchange refused", fields...)
 	}
 	// RFC 6749 §5.2 limits error_description to printable ASCII without " or \.
 	return writeJSON(w, status, map[string]string{"error": code, "error_description": quoteSafe(e.Description)})
@@ -185,6 +201,18 @@ func oauthError(k exchange.Kind) (string, int) {
 	default:
 		return "invalid_request", http.StatusBadRequest
 	}
+}
+
+// claimedClientID is the client_id a failed authentication named, for the
+// log: the body's client_id, else the Basic user. Never a secret.
+func claimedClientID(cred exchange.ClientCredentials) string {
+	if cred.PostID != "" {
+		return cred.PostID
+	}
+	if id, err := url.QueryUnescape(cred.BasicUser); err == nil {
+		return id
+	}
+	return ""
 }
 
 // setRetryAfter sets Retry-After (whole seconds, at least 1) for a 503.
@@ -243,27 +271,23 @@ func (h *MetadataHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 
 // metadata is the RFC 8414 document.
 func (a *App) metadata() map[string]any {
+	methods := a.clients.AuthMethods()
 	doc := map[string]any{
 		"issuer":                                a.Issuer,
 		"token_endpoint":                        a.TokenEndpoint,
 		"jwks_uri":                              a.JWKSURI,
 		"grant_types_supported":                 []string{exchange.GrantTypeTokenExchange},
-		"response_types_supported":              []string{},
-		"token_endpoint_auth_methods_supported": a.clients.AuthMethods(),
-		"token_endpoint_auth_signing_alg_values_supported": []string{
-			"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA",
-		},
+		"response_types_supported":              []string{}, // no authorization endpoint
+		"token_endpoint_auth_methods_supported": methods,
 	}
-	var scopes []string
-	for _, c := range a.Clients {
-		for _, s := range c.Scopes {
-			if !slices.Contains(scopes, s) {
-				scopes = append(scopes, s)
-			}
-		}
+	// Signing algorithms of client assertions mean something only when a
+	// client authenticates with private_key_jwt.
+	if slices.Contains(methods, exchange.ClientAuthPrivateKeyJWT) {
+		doc["token_endpoint_auth_signing_alg_values_supported"] = exchange.VerifyAlgorithms()
 	}
-	if len(scopes) > 0 {
-		doc["scopes_supported"] = scopes
+	// Only what is configured for publication: client scopes are private.
+	if len(a.ScopesSupported) > 0 {
+		doc["scopes_supported"] = a.ScopesSupported
 	}
 	return doc
 }

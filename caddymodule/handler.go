@@ -131,6 +131,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	r.Trailer = nil
 	r.Header.Del("Trailer")
+	// A Txn-Token from outside the trust domain is never trusted nor
+	// forwarded: this route is the edge.
+	if r.Header.Get("Txn-Token") != "" {
+		r.Header.Del("Txn-Token")
+		h.logger.Info("outside Txn-Token removed at the edge", zap.String("remote_ip", remoteIP(r)), zap.String("path", r.URL.Path))
+	}
 	form, ferr := formBody(r)
 	if ferr != nil {
 		return h.refuse(w, r, raw, ferr)
@@ -176,14 +182,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			h.missCount.Inc()
 		}
 	}
-	// The audit line: every minted token is logged once, when it is minted;
-	// a cache hit reuses that token (same jti) and is logged at debug level.
-	msg, level := "token exchanged", zapcore.InfoLevel
+	// The audit line: one per exchange, at info, cache hits included (they
+	// carry the reused token's jti and cached=true).
+	msg := "token exchanged"
 	if minted.Cached {
-		msg, level = "token exchange reused from cache", zapcore.DebugLevel
+		msg = "token exchange reused from cache"
 	}
-	if ce := h.logger.Check(level, msg); ce != nil {
+	if ce := h.logger.Check(zapcore.InfoLevel, msg); ce != nil {
 		ce.Write(
+			zap.String("route", h.routeLabel),
+			zap.String("method", r.Method),
+			zap.String("path", r.URL.Path),
+			zap.String("remote_ip", remoteIP(r)),
+			zap.Bool("cached", minted.Cached),
 			zap.String("sub", minted.Subject),
 			zap.String("act", actChain(minted.ActChain)),
 			zap.Strings("aud", minted.Audiences),
@@ -226,11 +237,16 @@ func requestInfo(r *http.Request) *exchange.RequestInfo {
 		}
 		headers[name] = values
 	}
+	return &exchange.RequestInfo{Method: r.Method, Host: r.Host, Path: r.URL.Path, RemoteIP: remoteIP(r), Headers: headers}
+}
+
+// remoteIP is the address of the connection's peer.
+func remoteIP(r *http.Request) string {
 	remote, _, err := net.SplitHostPort(r.RemoteAddr)
 	if err != nil {
-		remote = r.RemoteAddr
+		return r.RemoteAddr
 	}
-	return &exchange.RequestInfo{Method: r.Method, Host: r.Host, Path: r.URL.Path, RemoteIP: remote, Headers: headers}
+	return remote
 }
 
 // actChain renders an act claim for logs, outermost actor first:
@@ -399,9 +415,16 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	}
 	metrics.exchanges.WithLabelValues(h.routeLabel, outcome).Inc()
 	fields := []zap.Field{
+		zap.String("route", h.routeLabel),
+		zap.String("method", r.Method),
+		zap.String("path", r.URL.Path),
+		zap.String("remote_ip", remoteIP(r)),
 		zap.String("reason", e.Reason),
 		zap.String("description", e.Description),
 		zap.Int("status", status),
+	}
+	if e.SubjectSub != "" {
+		fields = append(fields, zap.String("subject_issuer", e.SubjectIssuer), zap.String("sub", e.SubjectSub))
 	}
 	if raw != "" {
 		fields = append(fields, zap.String("subject_token_sha256", exchange.HashToken(raw)))

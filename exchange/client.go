@@ -401,6 +401,11 @@ func (c *Clients) AuthMethods() []string {
 	return out
 }
 
+// VerifyAlgorithms lists the asymmetric JWS algorithms tokens and client
+// assertions may be signed with (RFC 8414
+// token_endpoint_auth_signing_alg_values_supported).
+func VerifyAlgorithms() []string { return slices.Clone(supportedVerifyAlgorithms) }
+
 // JWKSFetches reports how many forced fetches a client's jwks_url has made.
 func (c *Clients) JWKSFetches(clientID string) int64 {
 	if rc, ok := c.clients[clientID]; ok && rc.keys != nil {

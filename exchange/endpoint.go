@@ -100,7 +100,7 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	grant := &Grant{Audiences: audiences, Scopes: ceiling, ClientID: client.ClientID, Impersonate: impersonate, Rules: cfg.Rules}
 	minted, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, ActorToken: actorSubject, Client: client.ClientID}, grant)
 	if err != nil {
-		return nil, asRequestError(AsError(err))
+		return nil, asRequestError(AsError(withSubject(err, subject)))
 	}
 	if len(req.Scopes) > 0 && len(minted.Scopes) == 0 {
 		return nil, &Error{Kind: KindInvalidScope, Reason: "invalid_scope", Description: "none of the requested scope can be granted"}

@@ -209,7 +209,7 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, r
 			return nil, nil, err
 		}
 		m, err := e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor(), Request: req}, grant)
-		return m, subject, err
+		return m, subject, withSubject(err, subject)
 	}
 	if e.cache == nil || grant.cacheID == "" {
 		m, _, err := mint()

@@ -55,6 +55,19 @@ type Error struct {
 	// Status, when set, overrides the HTTP status a front door would pick
 	// for Kind (e.g. 413 for an oversized body).
 	Status int
+	// SubjectIssuer and SubjectSub name the subject once its token was
+	// verified (a refusal by policy or scope), for the audit log only.
+	SubjectIssuer, SubjectSub string
+}
+
+// withSubject records the verified subject on a refusal, for the log.
+func withSubject(err error, s *Subject) error {
+	if err == nil || s == nil {
+		return err
+	}
+	e := *AsError(err)
+	e.SubjectIssuer, e.SubjectSub = s.Issuer, s.Subject
+	return &e
 }
 
 func (e *Error) Error() string {

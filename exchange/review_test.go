@@ -2,6 +2,9 @@ package exchange
 
 import (
 	"context"
+	"encoding/json"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -171,5 +174,35 @@ func TestPolicyDenialDoesNotDiscloseTheRule(t *testing.T) {
 	}
 	if x.Err == nil || !strings.Contains(x.Err.Error(), "subject.sub == 'mallory'") {
 		t.Fatalf("the rule is not in the logged cause: %v", x.Err)
+	}
+}
+
+// TestPublishedJWKSHasOnlyPublicMembers: a signing key file may carry other
+// members (x5c, a note, even a stray secret); the JWKS gets the public key
+// material and kid, alg, use only.
+func TestPublishedJWKSHasOnlyPublicMembers(t *testing.T) {
+	key, err := GenerateSigningKey("ES256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, v := range map[string]any{"kid": "k1", "x-secret": "hunter2", "key_ops": []any{"sign"}} {
+		if err := key.Set(name, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s, err := NewSigner(key, "ES256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct{ Keys []map[string]any }
+	if err := json.Unmarshal(s.JWKS(), &doc); err != nil || len(doc.Keys) != 1 {
+		t.Fatalf("JWKS %s: %v", s.JWKS(), err)
+	}
+	got := slices.Sorted(maps.Keys(doc.Keys[0]))
+	if want := []string{"alg", "crv", "kid", "kty", "use", "x", "y"}; !slices.Equal(got, want) {
+		t.Fatalf("published members %v, want %v", got, want)
+	}
+	if doc.Keys[0]["kid"] != "k1" {
+		t.Errorf("kid %v", doc.Keys[0]["kid"])
 	}
 }

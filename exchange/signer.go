@@ -99,7 +99,10 @@ func NewSigner(key jwk.Key, alg string) (*Signer, error) {
 	if a, ok := key.Algorithm(); ok && a.String() != alg {
 		return nil, fmt.Errorf("signing key is for %s, not signing_alg %s", a, alg)
 	}
-	pub, err := jwk.PublicKeyOf(key)
+	// The published key is built from the public key material alone, never
+	// by copying the private JWK's members (a stray private or custom member
+	// of a key file must not reach the JWKS).
+	pub, err := jwk.Import(signer.Public())
 	if err != nil {
 		return nil, err
 	}
