@@ -1068,10 +1068,10 @@ func TestMetadataDocument(t *testing.T) {
 					t.Errorf("token_endpoint_auth_signing_alg_values_supported offers %s", a)
 				}
 			}
-			for _, sc := range []string{"orders.read", "orders.write", "billing.read"} {
-				if !slices.Contains(doc.Scopes, sc) {
-					t.Errorf("scopes_supported %v lacks %s", doc.Scopes, sc)
-				}
+			// Issue 10: clients' scopes are private; nothing is published
+			// unless scopes_supported is configured.
+			if doc.Scopes != nil {
+				t.Errorf("scopes_supported %v disclosed without configuration", doc.Scopes)
 			}
 			// The advertised endpoints are live.
 			for _, u := range []string{doc.JWKSURI} {
