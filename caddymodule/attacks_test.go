@@ -512,9 +512,6 @@ type atkTokenAttack struct {
 	token    string
 	mwStatus int    // default 401
 	mwCode   string // default invalid_token; "-": no challenge at all
-	epStatus int    // default 400
-	epCode   string // default invalid_request
-	epType   string // subject_token_type, default access_token
 }
 
 // atkRequestAttack is a request-level attack on the middleware.
