@@ -135,7 +135,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	// forwarded: this route is the edge.
 	if r.Header.Get("Txn-Token") != "" {
 		r.Header.Del("Txn-Token")
-		h.logger.Info("outside Txn-Token removed at the edge", zap.String("remote_ip", remoteIP(r)), zap.String("path", r.URL.Path))
+		h.logger.Info("outside Txn-Token removed at the edge", zap.String("remote_ip", remoteIP(r)), zap.String("path", loggablePath(r, raw)))
 	}
 	form, ferr := formBody(r)
 	if ferr != nil {
@@ -238,6 +238,15 @@ func requestInfo(r *http.Request) *exchange.RequestInfo {
 		headers[name] = values
 	}
 	return &exchange.RequestInfo{Method: r.Method, Host: r.Host, Path: r.URL.Path, RemoteIP: remoteIP(r), Headers: headers}
+}
+
+// loggablePath is the request path for a log line, unless it carries the
+// bearer token (in any encoding): a token must never reach the logs.
+func loggablePath(r *http.Request, raw string) string {
+	if raw != "" && carriesToken(r.URL.EscapedPath(), raw) {
+		return "[path carries the token: not logged]"
+	}
+	return r.URL.Path
 }
 
 // remoteIP is the address of the connection's peer.
@@ -417,7 +426,7 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	fields := []zap.Field{
 		zap.String("route", h.routeLabel),
 		zap.String("method", r.Method),
-		zap.String("path", r.URL.Path),
+		zap.String("path", loggablePath(r, raw)),
 		zap.String("remote_ip", remoteIP(r)),
 		zap.String("reason", e.Reason),
 		zap.String("description", e.Description),

@@ -155,7 +155,7 @@ func TestReviewAuditTrail(t *testing.T) {
 				t.Errorf("refusal line %s = %v, want %v (%v)", k, l[k], want, l)
 			}
 		}
-		if e, _ := l["error"].(string); !strings.Contains(e, `subject.sub == "mallory"`) {
+		if e, _ := l["error"].(string); !strings.Contains(e, "deny_if") || !strings.Contains(e, "subject.sub ==") || !strings.Contains(e, "mallory") {
 			t.Errorf("the rule is not in the log: %v", l["error"])
 		}
 	})
