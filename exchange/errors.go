@@ -3,6 +3,7 @@ package exchange
 import (
 	"errors"
 	"fmt"
+	"time"
 )
 
 // Kind classifies why an exchange failed. Each front door maps a Kind to its
@@ -35,6 +36,10 @@ const (
 	KindUnsupportedGrantType
 	// KindServer: an internal failure (signing, storage); never the caller's fault.
 	KindServer
+	// KindUnavailable: a dependency cannot answer (an issuer's or client's
+	// keys are unavailable: never fetched, or dropped past jwks_max_stale).
+	// Never the caller's fault: 503 with Retry-After, see Error.RetryAfter.
+	KindUnavailable
 )
 
 // Error is a failed exchange. Description is safe to show to the caller: it
@@ -46,6 +51,8 @@ type Error struct {
 	Reason      string
 	Description string
 	Err         error
+	// RetryAfter, for KindUnavailable, is when a retry may succeed.
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {
@@ -72,4 +79,10 @@ func invalidToken(reason, format string, args ...any) *Error {
 
 func denied(reason, format string, args ...any) *Error {
 	return &Error{Kind: KindDenied, Reason: reason, Description: fmt.Sprintf(format, args...)}
+}
+
+// keysUnavailableError is the KindUnavailable error of a lookup that found
+// no usable keys; a retry makes sense after the next forced refetch.
+func keysUnavailableError(description string, retry time.Duration) *Error {
+	return &Error{Kind: KindUnavailable, Reason: "keys_unavailable", Description: description + "; retry later", RetryAfter: retry}
 }

@@ -200,8 +200,10 @@ func TestIssuerDownAtStartFailsClosedThenRecovers(t *testing.T) {
 	ts := newTestTrust(t, cfg)
 	tok := idp.Token(kid, nil)
 	_, err := ts.Verify(context.Background(), tok, VerifyOptions{})
-	if e := AsError(err); e.Kind != KindInvalidToken || e.Reason != "unknown_key" {
-		t.Fatalf("with the JWKS down, want unknown_key, got %v", err)
+	// Keys never fetched: the issuer cannot answer, which is not the
+	// token's fault (DESIGN §6 failure rule): unavailable, not invalid.
+	if e := AsError(err); e.Kind != KindUnavailable || e.Reason != "keys_unavailable" || e.RetryAfter <= 0 {
+		t.Fatalf("with the JWKS down, want keys_unavailable with a retry-after, got %v", err)
 	}
 }
 
