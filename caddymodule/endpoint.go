@@ -157,6 +157,10 @@ func (h *EndpointHandler) fail(w http.ResponseWriter, e *exchange.Error, status 
 	if e.Kind == exchange.KindServer {
 		h.logger.Error("token endpoint failed", zap.String("reason", e.Reason), zap.Error(e.Err))
 	}
+	if e.Kind == exchange.KindUnavailable {
+		h.logger.Warn("token endpoint unavailable", zap.String("reason", e.Reason), zap.String("description", e.Description))
+		w.Header().Set("Retry-After", retryAfter(e.RetryAfter))
+	}
 	// RFC 6749 §5.2 limits error_description to printable ASCII without " or \.
 	return writeJSON(w, status, map[string]string{"error": code, "error_description": quoteSafe(e.Description)})
 }
@@ -176,6 +180,8 @@ func oauthError(k exchange.Kind) (string, int) {
 		return "invalid_scope", http.StatusBadRequest
 	case exchange.KindServer:
 		return "server_error", http.StatusInternalServerError
+	case exchange.KindUnavailable:
+		return "temporarily_unavailable", http.StatusServiceUnavailable
 	default:
 		return "invalid_request", http.StatusBadRequest
 	}

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
 
@@ -280,6 +281,8 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 		status, code, outcome = http.StatusForbidden, "insufficient_scope", outcomeDenied
 	case exchange.KindServer:
 		status, outcome = http.StatusInternalServerError, outcomeError
+	case exchange.KindUnavailable:
+		status, outcome = http.StatusServiceUnavailable, outcomeError
 	default:
 		code = "invalid_token"
 	}
@@ -297,6 +300,14 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	}
 	if status == http.StatusInternalServerError {
 		h.logger.Error("token exchange failed", fields...)
+		w.WriteHeader(status)
+		return nil
+	}
+	if status == http.StatusServiceUnavailable {
+		// A dependency (the issuer's JWKS) cannot answer: never a pass,
+		// never blamed on the token (DESIGN §6 failure rule).
+		h.logger.Warn("token exchange unavailable", fields...)
+		w.Header().Set("Retry-After", retryAfter(e.RetryAfter))
 		w.WriteHeader(status)
 		return nil
 	}
@@ -319,6 +330,11 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	// one it does not redact.
 	w.WriteHeader(status)
 	return nil
+}
+
+// retryAfter renders a Retry-After delay in whole seconds, at least 1.
+func retryAfter(d time.Duration) string {
+	return strconv.Itoa(max(1, int((d+time.Second-1)/time.Second)))
 }
 
 // quoteSafe keeps a value within an RFC 6750 quoted-string: printable ASCII

@@ -161,11 +161,11 @@ type cacheEntry struct {
 
 // cacheShape is what tokens minted for one route and issuer have in common.
 type cacheShape struct {
-	actor         Actor
-	audiences     []string
-	scopes        []string
-	actChain      map[string]any
-	subjectIssuer string
+	actor                 Actor
+	audiences             []string
+	scopes                []string
+	actChain              map[string]any
+	subjectIssuer         string
 	issuer, keyThumbprint string
 	// The locations of IssuedAt, Expiry and SubjectExpiry.
 	iatLoc, expLoc, subExpLoc *time.Location
