@@ -195,8 +195,13 @@ func NewKeySource(cfg KeySourceConfig) (*KeySource, error) {
 		s.now = time.Now
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	// The first fetch is in flight before anyone can look: a request
+	// arriving now waits for it rather than forcing a fetch of its own.
+	s.mu.Lock()
+	first := s.startFetchLocked(context.Background(), false)
+	s.mu.Unlock()
 	s.wg.Add(1)
-	go s.run()
+	go s.run(first)
 	return s, nil
 }
 
@@ -231,29 +236,28 @@ func (s *KeySource) Close() error {
 // URL is the source's jwks_url ("" for a file).
 func (s *KeySource) URL() string { return s.url }
 
-// run refreshes the set in the background until Close.
-func (s *KeySource) run() {
+// run refreshes the set in the background until Close, starting with the
+// fetch f in flight.
+func (s *KeySource) run(f *keyFetch) {
 	defer s.wg.Done()
-	timer := time.NewTimer(0)
-	defer timer.Stop()
 	for {
-		select {
-		case <-s.ctx.Done():
-			return
-		case <-timer.C:
-		}
-		s.mu.Lock()
-		f := s.inflight
-		if f == nil {
-			f = s.startFetchLocked(context.Background(), false)
-		}
-		s.mu.Unlock()
 		select {
 		case <-s.ctx.Done():
 			return
 		case <-f.done:
 		}
-		timer.Reset(s.capInterval(f.next))
+		timer := time.NewTimer(s.capInterval(f.next))
+		select {
+		case <-s.ctx.Done():
+			timer.Stop()
+			return
+		case <-timer.C:
+		}
+		s.mu.Lock()
+		if f = s.inflight; f == nil {
+			f = s.startFetchLocked(context.Background(), false)
+		}
+		s.mu.Unlock()
 	}
 }
 

@@ -161,6 +161,13 @@ func TestUnknownKidRefetchIsThrottled(t *testing.T) {
 	cfg.RefetchInterval = time.Hour
 	ts := newTestTrust(t, cfg)
 	ctx := context.Background()
+	// The first request waits for the initial fetch; it forces none.
+	if _, err := ts.Verify(ctx, idp.Token("old", nil), VerifyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := ts.JWKSFetches("https://idp.test"); n != 0 {
+		t.Fatalf("%d forced fetches before any unknown kid", n)
+	}
 
 	// A rotated key arrives: the first token with its kid triggers one refetch.
 	idp.AddHiddenKey("new", "ES256")
