@@ -20,11 +20,11 @@ import (
 type ksMode int32
 
 const (
-	ksOK      ksMode = iota
-	ksDown           // 500
-	ksGarbage        // 200, not JSON
-	ksEmpty          // 200, {"keys":[]}
-	ksUnusable       // 200, a set holding only an HMAC key
+	ksOK       ksMode = iota
+	ksDown            // 500
+	ksGarbage         // 200, not JSON
+	ksEmpty           // 200, {"keys":[]}
+	ksUnusable        // 200, a set holding only an HMAC key
 )
 
 var ksFaults = map[string]ksMode{"500": ksDown, "garbage": ksGarbage, "empty set": ksEmpty, "unusable set": ksUnusable}
