@@ -205,6 +205,12 @@ func TestKeySourceMaxStale(t *testing.T) {
 	if st, ch, _ := g.try(t, fltFresh(t, idp, "ec-1")); st != http.StatusOK {
 		t.Fatalf("right after the JWKS turned bad: %d %s", st, ch)
 	}
+	// An unknown kid forces a refresh: the fault is recorded whatever the
+	// background refresher's timing.
+	time.Sleep(1100 * time.Millisecond)
+	if st, _, _ := g.try(t, fltRandomKidToken(t, idp)); st != http.StatusUnauthorized {
+		t.Fatalf("unknown kid within jwks_max_stale: %d", st)
+	}
 	time.Sleep(time.Until(failedAt.Add(3500 * time.Millisecond)))
 	for _, tok := range []string{fltFresh(t, idp, "ec-1"), cached} {
 		resp := g.get(t, "/api/orders", map[string]string{"Authorization": "Bearer " + tok})
