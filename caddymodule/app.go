@@ -130,18 +130,25 @@ type TrustedIssuer struct {
 	// RefetchInterval is the least time between forced JWKS refetches
 	// on an unknown kid (default 30s).
 	RefetchInterval caddy.Duration `json:"refetch_interval,omitempty"`
+	// JWKSMaxStale is how long the last good keys of JWKSURL stay in use
+	// while refreshes fail (an error, garbage, an empty set), counted from
+	// the last good fetch (default 1h). After it, the issuer's tokens get
+	// 503 until good keys arrive. A good set always replaces the keys at once.
+	JWKSMaxStale caddy.Duration `json:"jwks_max_stale,omitempty"`
 }
 
 // Client is a client of the token endpoint.
 type Client struct {
-	ClientID       string   `json:"client_id"`
-	SecretHash     string   `json:"secret_hash,omitempty"`
-	JWKSURL        string   `json:"jwks_url,omitempty"`
-	JWKSFile       string   `json:"jwks_file,omitempty"`
-	Audiences      []string `json:"audiences,omitempty"`
-	Resources      []string `json:"resources,omitempty"`
-	Scopes         []string `json:"scopes,omitempty"`
-	MayImpersonate bool     `json:"may_impersonate,omitempty"`
+	ClientID   string `json:"client_id"`
+	SecretHash string `json:"secret_hash,omitempty"`
+	JWKSURL    string `json:"jwks_url,omitempty"`
+	JWKSFile   string `json:"jwks_file,omitempty"`
+	// JWKSMaxStale: as for a trusted issuer, for the client's jwks_url.
+	JWKSMaxStale   caddy.Duration `json:"jwks_max_stale,omitempty"`
+	Audiences      []string       `json:"audiences,omitempty"`
+	Resources      []string       `json:"resources,omitempty"`
+	Scopes         []string       `json:"scopes,omitempty"`
+	MayImpersonate bool           `json:"may_impersonate,omitempty"`
 	// Policy holds the client's CEL rules: allow_if, deny_if, grant, claim.
 	Policy
 }
@@ -186,7 +193,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 			ScopeClaim:      t.ScopeClaim,
 			Scopes:          exchange.ScopeMap{Map: t.ScopeMap, PassUnmapped: t.PassUnmappedScopes},
 			RefetchInterval: time.Duration(t.RefetchInterval),
+			JWKSMaxStale:    time.Duration(t.JWKSMaxStale),
 		})
+	}
+	onFetch := func(name string, err error) {
+		result := "ok"
+		if err != nil {
+			result = "error"
+		}
+		metrics.jwksFetches.WithLabelValues(name, result).Inc()
 	}
 	trust, err := exchange.NewTrustStore(ctx, exchange.TrustConfig{
 		Issuers:      issuers,
@@ -194,13 +209,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		MaxTokenSize: a.MaxTokenSize,
 		FetchTimeout: time.Duration(a.JWKSFetchTimeout),
 		Logger:       a.logger,
-		OnFetch: func(issuer string, err error) {
-			result := "ok"
-			if err != nil {
-				result = "error"
-			}
-			metrics.jwksFetches.WithLabelValues(issuer, result).Inc()
-		},
+		OnFetch:      onFetch,
+		KeySources:   jwksSources{},
 	})
 	if err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
@@ -249,6 +259,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			SecretHash:     c.SecretHash,
 			JWKSURL:        c.JWKSURL,
 			JWKSFile:       c.JWKSFile,
+			JWKSMaxStale:   time.Duration(c.JWKSMaxStale),
 			Audiences:      c.Audiences,
 			Resources:      c.Resources,
 			Scopes:         c.Scopes,
@@ -260,7 +271,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		MaxAssertionLifetime: time.Duration(a.MaxAssertionLifetime),
 		MaxAssertionAge:      time.Duration(a.MaxAssertionAge),
 		ClockSkew:            time.Duration(a.ClockSkew),
+		FetchTimeout:         time.Duration(a.JWKSFetchTimeout),
 		Logger:               a.logger,
+		OnFetch:              onFetch,
+		KeySources:           jwksSources{},
 	})
 	if err != nil {
 		_ = trust.Close()

@@ -67,8 +67,8 @@ const (
 		"\t\t\tdeny_if `subject.sub == \"route\"`\n" +
 		"\t\t\tdeny_if subject.sub == \"request\" || subject.sub == \"subject\"\n" +
 		"\t\t\tclaim tier \"subject\"\n"
-	atkOKSeries  = `caddy_token_exchange_exchanges_total{outcome="ok",`
-	atkEPOK      = `caddy_token_exchange_endpoint_requests_total{outcome="ok"}`
+	atkOKSeries = `caddy_token_exchange_exchanges_total{outcome="ok",`
+	atkEPOK     = `caddy_token_exchange_endpoint_requests_total{outcome="ok"}`
 )
 
 // atkSeen is what one request looked like when it reached the upstream,

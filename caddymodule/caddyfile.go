@@ -57,10 +57,12 @@ func init() {
 //	        map_scope <external> <internal...>
 //	        pass_unmapped_scopes
 //	        refetch_interval <duration>
+//	        jwks_max_stale <duration>
 //	    }
 //	    client <client_id> {
 //	        secret_hash <bcrypt>
 //	        jwks_url <url> | jwks_file <path>
+//	        jwks_max_stale <duration>
 //	        audience <aud...>
 //	        resource <uri...>
 //	        scope <scope...>
@@ -217,6 +219,8 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			t.PassUnmappedScopes = true
 		case "refetch_interval":
 			err = durationArg(d, &t.RefetchInterval)
+		case "jwks_max_stale":
+			err = durationArg(d, &t.JWKSMaxStale)
 		default:
 			return d.Errf("unrecognized trust option '%s'", d.Val())
 		}
@@ -253,6 +257,8 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &c.JWKSURL)
 		case "jwks_file":
 			err = oneArg(d, &c.JWKSFile)
+		case "jwks_max_stale":
+			err = durationArg(d, &c.JWKSMaxStale)
 		case "audience":
 			err = appendArgs(d, &c.Audiences)
 		case "resource":

@@ -68,3 +68,37 @@ var (
 	_ caddy.Provisioner           = (*JWKSHandler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*JWKSHandler)(nil)
 )
+
+// jwksSourcePool holds the JWKS sources (of trusted issuers and
+// private_key_jwt clients) of every loaded config, one per URL and fetch
+// settings. A config reload acquires the running source before the old
+// config releases it, so the source keeps its keys and its refresher: an
+// IdP whose JWKS is down during a reload does not lose its last good keys.
+var jwksSourcePool = caddy.NewUsagePool()
+
+// jwksSources is the exchange.KeySourcePool of jwksSourcePool.
+type jwksSources struct{}
+
+// pooledKeySource makes a key source a caddy.Destructor.
+type pooledKeySource struct{ *exchange.KeySource }
+
+func (p pooledKeySource) Destruct() error { return p.Close() }
+
+func (jwksSources) Acquire(key string, newSource func() (*exchange.KeySource, error)) (*exchange.KeySource, error) {
+	v, _, err := jwksSourcePool.LoadOrNew(key, func() (caddy.Destructor, error) {
+		src, err := newSource()
+		if err != nil {
+			return nil, err
+		}
+		return pooledKeySource{src}, nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v.(pooledKeySource).KeySource, nil
+}
+
+func (jwksSources) Release(key string) error {
+	_, err := jwksSourcePool.Delete(key)
+	return err
+}

@@ -48,7 +48,7 @@ func registerMetrics(registry *prometheus.Registry) error {
 		}, []string{"result"})
 		metrics.jwksFetches = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "jwks_fetches_total",
-			Help: "Forced JWKS fetches by trusted issuer and result (ok, error).",
+			Help: "JWKS fetches (background and forced) by trusted issuer or private_key_jwt client_id, and result (ok, error).",
 		}, []string{"issuer", "result"})
 		metrics.endpoint = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "endpoint_requests_total",

@@ -97,8 +97,9 @@ type CachedToken struct {
 	Minted *Minted
 	// Issuer is the subject token's issuer.
 	Issuer string
-	// KeyID is the kid of the issuer key that verified the subject token.
-	KeyID string
+	// KeyThumbprint is the RFC 7638 thumbprint of the issuer key that
+	// verified the subject token.
+	KeyThumbprint string
 	// SubjectExpiry is the subject token's exp. A token whose SubjectExpiry
 	// is zero is never stored.
 	SubjectExpiry time.Time
@@ -112,7 +113,7 @@ type CachedToken struct {
 //
 // Entries are kept compactly: the strings that differ per token (Token,
 // Subject, JTI, SubjectTokenHash) share one allocation, and the values that
-// repeat across tokens (actor, audiences, scopes, act chain, issuer, kid)
+// repeat across tokens (actor, audiences, scopes, act chain, issuer, key thumbprint)
 // are interned. A hit therefore returns a fresh CachedToken (one
 // allocation) rather than the pointer that was stored.
 //
@@ -160,12 +161,12 @@ type cacheEntry struct {
 
 // cacheShape is what tokens minted for one route and issuer have in common.
 type cacheShape struct {
-	actor         Actor
-	audiences     []string
-	scopes        []string
-	actChain      map[string]any
-	subjectIssuer string
-	issuer, keyID string
+	actor                 Actor
+	audiences             []string
+	scopes                []string
+	actChain              map[string]any
+	subjectIssuer         string
+	issuer, keyThumbprint string
 	// The locations of IssuedAt, Expiry and SubjectExpiry.
 	iatLoc, expLoc, subExpLoc *time.Location
 }
@@ -499,7 +500,7 @@ func (e *cacheEntry) materialize() *CachedToken {
 	p.t = CachedToken{
 		Minted:        &p.m,
 		Issuer:        sh.issuer,
-		KeyID:         sh.keyID,
+		KeyThumbprint: sh.keyThumbprint,
 		SubjectExpiry: time.Unix(e.subExpSec, int64(e.subExpNsec)).In(sh.subExpLoc),
 	}
 	return &p.t
@@ -518,7 +519,7 @@ func (c *Cache) shape(t *CachedToken) *cacheShape {
 	kw.list(m.Scopes)
 	kw.str(m.SubjectIssuer)
 	kw.str(t.Issuer)
-	kw.str(t.KeyID)
+	kw.str(t.KeyThumbprint)
 	kw.b = fmt.Appendf(kw.b, "%p %p %p ", iatLoc, expLoc, subExpLoc)
 	intern := true
 	if m.ActChain == nil {
@@ -544,7 +545,7 @@ func (c *Cache) shape(t *CachedToken) *cacheShape {
 		actChain:      maps.Clone(m.ActChain),
 		subjectIssuer: m.SubjectIssuer,
 		issuer:        t.Issuer,
-		keyID:         t.KeyID,
+		keyThumbprint: t.KeyThumbprint,
 		iatLoc:        iatLoc,
 		expLoc:        expLoc,
 		subExpLoc:     subExpLoc,

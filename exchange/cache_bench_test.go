@@ -32,7 +32,7 @@ func realisticCachedToken(n int, now time.Time) *CachedToken {
 			ActChain:         map[string]any{"sub": "https://gateway.example.internal"},
 		},
 		Issuer:        "https://idp.example.com",
-		KeyID:         "idp-key-2024",
+		KeyThumbprint: "idp-key-2024",
 		SubjectExpiry: now.Add(time.Hour),
 	}
 }

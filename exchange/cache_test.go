@@ -53,7 +53,7 @@ func cacheTestToken(n int, iat time.Time, life time.Duration, subExp time.Time) 
 			ActChain:         map[string]any{"sub": "https://gateway.example"},
 		},
 		Issuer:        "https://idp.example",
-		KeyID:         "kid-1",
+		KeyThumbprint: "kid-1",
 		SubjectExpiry: subExp,
 	}
 }

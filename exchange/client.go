@@ -16,12 +16,9 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
-	"github.com/lestrrat-go/httprc/v3"
 	"github.com/lestrrat-go/jwx/v3/jwa"
-	"github.com/lestrrat-go/jwx/v3/jwk"
 	"github.com/lestrrat-go/jwx/v3/jws"
 	"github.com/lestrrat-go/jwx/v3/jwt"
 	"go.uber.org/zap"
@@ -96,6 +93,9 @@ type ClientConfig struct {
 	Audiences []string
 	Resources []string
 	Scopes    []string
+	// JWKSMaxStale is how long the last good keys of JWKSURL stay in use
+	// while its refreshes fail (default DefaultJWKSMaxStale).
+	JWKSMaxStale time.Duration
 	// MayImpersonate lets the client obtain tokens without act.
 	MayImpersonate bool
 	// Rules is the client's CEL policy (nil: none).
@@ -116,8 +116,16 @@ type ClientOptions struct {
 	// MaxAssertionAge: how far in the past a client assertion's iat may lie
 	// (default DefaultMaxAssertionAge, 5m). iat is required.
 	MaxAssertionAge time.Duration
-	// HTTPClient fetches jwks_url (default: a client with DefaultFetchTimeout).
+	// HTTPClient fetches jwks_url; FetchTimeout bounds every fetch.
 	HTTPClient *http.Client
+	// FetchTimeout bounds one jwks_url fetch (default DefaultFetchTimeout).
+	FetchTimeout time.Duration
+	// KeySources, if set, shares jwks_url sources with trust stores and
+	// other registries (and across configuration reloads).
+	KeySources KeySourcePool
+	// OnFetch, if set, is told of every fetch of a client's jwks_url, with
+	// the client_id (for metrics).
+	OnFetch func(clientID string, err error)
 	// ClockSkew tolerated on assertion exp/nbf/iat (default DefaultClockSkew).
 	ClockSkew time.Duration
 	// RefetchInterval is the least time between two forced fetches of one
@@ -160,7 +168,7 @@ type AuthenticatedClient struct {
 }
 
 // Clients is the registry of token-endpoint clients and authenticates them.
-// Its jwks_url refreshers live until Close.
+// Its jwks_url sources stay in use until Close.
 type Clients struct {
 	clients      map[string]*registeredClient
 	endpointURLs []string
@@ -176,8 +184,7 @@ type Clients struct {
 	bcryptSlots chan struct{}
 	bcryptWait  time.Duration
 
-	cache  *jwk.Cache
-	cancel context.CancelFunc
+	sources *keySources
 
 	secrets *secretCache
 	replay  *replayCache
@@ -189,27 +196,11 @@ type Clients struct {
 type registeredClient struct {
 	cfg  ClientConfig
 	hash []byte
-	keys *clientKeys
-}
-
-// clientKeys are the public keys of a private_key_jwt client: a static set
-// from jwks_file, or a jwks_url in the shared cache (one per URL).
-type clientKeys struct {
-	url             string
-	cache           *jwk.Cache
-	resource        *httprc.ResourceBase[jwk.Set]
-	static          *keyIndex
-	index           atomic.Pointer[keyIndex]
-	refetchInterval time.Duration
-	logger          *zap.Logger
-
-	refetchMu   sync.Mutex
-	lastRefetch time.Time
-	fetches     atomic.Int64
+	keys *keyUser
 }
 
 // NewClients validates the client configurations, loads jwks_file keys and
-// registers jwks_url sets with a background-refreshing cache bound to ctx.
+// starts (or shares) the sources of jwks_url sets.
 // It does not wait for remote JWKS: until they arrive, the client's
 // assertions are refused.
 func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*Clients, error) {
@@ -267,44 +258,25 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 	}
 	c.replay = newReplayCache(maxReplay)
 
-	byURL := map[string]*clientKeys{}
+	c.sources = newKeySources(opts.KeySources, KeySourceConfig{
+		FetchTimeout: opts.FetchTimeout, HTTPClient: opts.HTTPClient, Now: c.now,
+	})
 	for _, cfg := range cfgs {
-		rc, err := c.newRegisteredClient(cfg, byURL, refetch)
-		if err != nil {
-			return nil, fmt.Errorf("client %q: %w", cfg.ClientID, err)
-		}
 		if _, dup := c.clients[cfg.ClientID]; dup {
+			c.Close()
 			return nil, fmt.Errorf("client %q is configured twice", cfg.ClientID)
 		}
-		c.clients[cfg.ClientID] = rc
-	}
-
-	if len(byURL) > 0 {
-		client := opts.HTTPClient
-		if client == nil {
-			client = &http.Client{Timeout: DefaultFetchTimeout}
-		}
-		cctx, cancel := context.WithCancel(ctx)
-		cache, err := jwk.NewCache(cctx, httprc.NewClient(httprc.WithWorkers(2)))
+		rc, err := c.newRegisteredClient(cfg, opts, refetch)
 		if err != nil {
-			cancel()
-			return nil, fmt.Errorf("starting client JWKS cache: %w", err)
+			c.Close()
+			return nil, fmt.Errorf("client %q: %w", cfg.ClientID, err)
 		}
-		c.cache, c.cancel = cache, cancel
-		for u, ck := range byURL {
-			ck.cache = cache
-			var err error
-			ck.resource, err = registerJWKS(cctx, cache, u, client)
-			if err != nil {
-				c.Close()
-				return nil, fmt.Errorf("registering client jwks_url %s: %w", u, err)
-			}
-		}
+		c.clients[cfg.ClientID] = rc
 	}
 	return c, nil
 }
 
-func (c *Clients) newRegisteredClient(cfg ClientConfig, byURL map[string]*clientKeys, refetch time.Duration) (*registeredClient, error) {
+func (c *Clients) newRegisteredClient(cfg ClientConfig, opts ClientOptions, refetch time.Duration) (*registeredClient, error) {
 	if cfg.ClientID == "" {
 		return nil, errors.New("client_id must not be empty")
 	}
@@ -332,46 +304,25 @@ func (c *Clients) newRegisteredClient(cfg ClientConfig, byURL map[string]*client
 		}
 		c.maxCost = max(c.maxCost, cost)
 		rc.hash = []byte(cfg.SecretHash)
-	case cfg.JWKSFile != "":
-		if len(c.endpointURLs) == 0 {
-			return nil, errors.New("private_key_jwt needs the token endpoint URLs to check the assertion audience")
-		}
-		set, err := jwk.ReadFile(cfg.JWKSFile)
-		if err != nil {
-			return nil, fmt.Errorf("reading jwks_file: %w", err)
-		}
-		idx := indexKeySet(set)
-		if len(idx.keys) == 0 {
-			return nil, errors.New("jwks_file holds no usable public signing key (RSA >= 2048 bits, EC P-256/384/521 or Ed25519)")
-		}
-		rc.keys = &clientKeys{static: idx}
 	default:
 		if len(c.endpointURLs) == 0 {
 			return nil, errors.New("private_key_jwt needs the token endpoint URLs to check the assertion audience")
 		}
-		u, err := url.Parse(cfg.JWKSURL)
-		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return nil, errors.New("jwks_url must be an absolute http(s) URL")
+		keys, err := c.sources.user(keyUserConfig{
+			url: cfg.JWKSURL, file: cfg.JWKSFile, name: cfg.ClientID, field: zap.String("client_id", cfg.ClientID),
+			maxStale: cfg.JWKSMaxStale, refetchInterval: refetch, logger: c.logger, onFetch: opts.OnFetch,
+		})
+		if err != nil {
+			return nil, err
 		}
-		ck, ok := byURL[cfg.JWKSURL]
-		if !ok {
-			ck = &clientKeys{url: cfg.JWKSURL, refetchInterval: refetch, logger: c.logger}
-			byURL[cfg.JWKSURL] = ck
-		}
-		rc.keys = ck
+		rc.keys = keys
 	}
 	return rc, nil
 }
 
-// Close stops the jwks_url refreshers.
+// Close releases the jwks_url sources; the last user of a source stops it.
 func (c *Clients) Close() error {
-	if c.cancel == nil {
-		return nil
-	}
-	defer c.cancel()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return c.cache.Shutdown(ctx)
+	return c.sources.close()
 }
 
 // Client returns a client's configuration.
@@ -406,10 +357,11 @@ func (c *Clients) AuthMethods() []string {
 // token_endpoint_auth_signing_alg_values_supported).
 func VerifyAlgorithms() []string { return slices.Clone(supportedVerifyAlgorithms) }
 
-// JWKSFetches reports how many forced fetches a client's jwks_url has made.
+// JWKSFetches reports how many forced fetches a client's jwks_url source
+// has made (shared by everyone using the URL).
 func (c *Clients) JWKSFetches(clientID string) int64 {
 	if rc, ok := c.clients[clientID]; ok && rc.keys != nil {
-		return rc.keys.fetches.Load()
+		return rc.keys.src.forced.Load()
 	}
 	return 0
 }
@@ -609,15 +561,18 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 	}
 
 	now := c.now()
-	key, ok := rc.keys.keyFor(ctx, hdr.Kid, hdr.Alg, now)
-	if !ok {
+	key, status := rc.keys.keyFor(ctx, hdr.Kid, hdr.Alg)
+	switch status {
+	case keysUnavailable:
+		return nil, keysUnavailableError("the client's keys are unavailable", rc.keys.refetchInterval)
+	case keyUnknown:
 		return nil, clientError("unknown_key", authFailed)
 	}
 	alg, ok := jwa.LookupSignatureAlgorithm(hdr.Alg)
 	if !ok {
 		return nil, clientError("bad_algorithm", "client_assertion must be signed with an asymmetric algorithm")
 	}
-	if _, err := jws.VerifyCompactFast(key, []byte(raw), alg); err != nil {
+	if _, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg); err != nil {
 		return nil, &Error{Kind: KindInvalidClient, Reason: "bad_signature", Description: authFailed, Err: err}
 	}
 
@@ -671,52 +626,6 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 			Description: "too many client assertions of this client in flight; retry later", RetryAfter: replayFullRetryAfter}
 	}
 	return &AuthenticatedClient{ClientID: sub, Method: ClientAuthPrivateKeyJWT, Config: rc.cfg}, nil
-}
-
-// keyFor returns the client's verification key for kid and alg, refetching
-// its jwks_url (throttled) when the key is unknown.
-func (ck *clientKeys) keyFor(ctx context.Context, kid, alg string, now time.Time) (any, bool) {
-	if k, ok := ck.keys(ctx).find(kid, alg); ok {
-		return k, true
-	}
-	if ck.cache == nil || !ck.refetch(ctx, now) {
-		return nil, false
-	}
-	return ck.keys(ctx).find(kid, alg)
-}
-
-func (ck *clientKeys) keys(ctx context.Context) *keyIndex {
-	if ck.static != nil {
-		return ck.static
-	}
-	set := ck.resource.Resource()
-	if set == nil {
-		return nil
-	}
-	if idx := ck.index.Load(); idx != nil && idx.set == set {
-		return idx
-	}
-	idx := indexKeySet(set)
-	ck.index.Store(idx)
-	return idx
-}
-
-// refetch forces one fetch of the jwks_url unless one happened within the
-// refetch interval; concurrent callers wait for the fetch in flight.
-func (ck *clientKeys) refetch(ctx context.Context, now time.Time) bool {
-	ck.refetchMu.Lock()
-	defer ck.refetchMu.Unlock()
-	if !ck.lastRefetch.IsZero() && now.Sub(ck.lastRefetch) < ck.refetchInterval {
-		return true
-	}
-	ck.lastRefetch = now
-	ck.fetches.Add(1)
-	if _, err := ck.cache.Refresh(ctx, ck.url); err != nil {
-		ck.logger.Warn("client JWKS refetch failed; keeping the last good keys",
-			zap.String("jwks_url", ck.url), zap.Error(err))
-		return false
-	}
-	return true
 }
 
 // secretCache remembers successful secret checks, because bcrypt costs tens

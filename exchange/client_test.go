@@ -1025,7 +1025,8 @@ func TestClientJWKSURLUnreachable(t *testing.T) {
 	}
 	defer c.Close()
 	_, err = c.Authenticate(context.Background(), jwtCred(signAssertion(t, key, "url-svc", time.Now(), nil)))
-	wantAuthError(t, err, KindInvalidClient, "unknown_key")
+	// The client's keys were never fetched: unavailable, not a bad client.
+	wantAuthError(t, err, KindUnavailable, "keys_unavailable")
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -218,17 +218,18 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, r
 
 	// The same immutable token, for the same grant, was already verified and
 	// exchanged: reuse the result while it is fresh and the issuer still
-	// publishes the key that verified it.
+	// publishes the key that verified it (the same key material, by RFC 7638
+	// thumbprint, not merely the same kid) and its keys are usable.
 	key := NewCacheKey(raw, e.cfg.Actor, grant.cacheID)
 	mintEntry := func() (*CachedToken, error) {
 		m, subject, err := mint()
 		if err != nil {
 			return nil, err
 		}
-		return &CachedToken{Minted: m, Issuer: subject.Issuer, KeyID: subject.KeyID, SubjectExpiry: subject.Expiry}, nil
+		return &CachedToken{Minted: m, Issuer: subject.Issuer, KeyThumbprint: subject.KeyThumbprint, SubjectExpiry: subject.Expiry}, nil
 	}
 	ct, hit, err := e.cache.GetOrMint(key, mintEntry)
-	if err == nil && hit && !e.trust.hasKey(ct.Issuer, ct.KeyID) {
+	if err == nil && hit && !e.trust.hasKey(ct.Issuer, ct.KeyThumbprint) {
 		e.cache.Delete(key)
 		ct, hit, err = e.cache.GetOrMint(key, mintEntry)
 	}

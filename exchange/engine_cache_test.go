@@ -77,7 +77,7 @@ func TestCachedExchangeDroppedWhenKeyLeavesJWKS(t *testing.T) {
 	idp.AddKey("new", "ES256")
 	time.Sleep(2 * time.Millisecond)
 	ti := ts.issuers["https://idp.test"]
-	ti.refetch(ctx, time.Now())
+	ti.keys.refetch(ctx)
 
 	if _, err := e.ExchangeBearer(ctx, tok, grant, nil); err == nil {
 		t.Fatal("a token verified by a withdrawn key was still served from the cache")

@@ -95,3 +95,9 @@ func invalidToken(reason, format string, args ...any) *Error {
 func denied(reason, format string, args ...any) *Error {
 	return &Error{Kind: KindDenied, Reason: reason, Description: fmt.Sprintf(format, args...)}
 }
+
+// keysUnavailableError is the KindUnavailable error of a lookup that found
+// no usable keys; a retry makes sense after the next forced refetch.
+func keysUnavailableError(description string, retry time.Duration) *Error {
+	return &Error{Kind: KindUnavailable, Reason: "keys_unavailable", Description: description + "; retry later", RetryAfter: retry}
+}

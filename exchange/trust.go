@@ -10,11 +10,8 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
-	"sync"
-	"sync/atomic"
 	"time"
 
-	"github.com/lestrrat-go/httprc/v3"
 	"github.com/lestrrat-go/jwx/v3/jwk"
 	"go.uber.org/zap"
 )
@@ -92,6 +89,10 @@ type IssuerConfig struct {
 	// RefetchInterval is the least time between two forced JWKS fetches
 	// (on an unknown kid), so a flood of random kids costs one fetch.
 	RefetchInterval time.Duration
+	// JWKSMaxStale is how long the last good keys of JWKSURL stay in use
+	// while its refreshes fail, from when they were fetched (default
+	// DefaultJWKSMaxStale); after it, the issuer's tokens are refused.
+	JWKSMaxStale time.Duration
 }
 
 // TrustConfig configures a TrustStore.
@@ -99,59 +100,55 @@ type TrustConfig struct {
 	Issuers      []IssuerConfig
 	ClockSkew    time.Duration
 	MaxTokenSize int
+	// FetchTimeout bounds one JWKS fetch (default DefaultFetchTimeout).
 	FetchTimeout time.Duration
-	// HTTPClient fetches JWKS; by default a client with FetchTimeout.
+	// HTTPClient fetches JWKS; FetchTimeout bounds every fetch.
 	HTTPClient *http.Client
 	Now        func() time.Time
 	Logger     *zap.Logger
-	// OnFetch, if set, is told of every forced JWKS fetch (for metrics).
+	// OnFetch, if set, is told of every JWKS fetch of an issuer's keys,
+	// forced or in the background (for metrics).
 	OnFetch func(issuer string, err error)
+	// KeySources, if set, shares the jwks_url sources with other trust
+	// stores and client registries (and across configuration reloads).
+	// Without it, the store shares one source per URL among its issuers.
+	KeySources KeySourcePool
 }
 
 // TrustStore holds the trusted issuers and their keys, and verifies inbound
-// tokens against them. Its JWKS refreshers live until Close.
+// tokens against them. Its JWKS sources stay in use until Close.
 type TrustStore struct {
 	issuers      map[string]*trustedIssuer
 	clockSkew    time.Duration
 	maxTokenSize int
 	now          func() time.Time
 	logger       *zap.Logger
-	cache        *jwk.Cache
-	cancel       context.CancelFunc
+	sources      *keySources
 }
 
 type trustedIssuer struct {
 	cfg        IssuerConfig
 	tokenTypes []string
 	scopeClaim string
-	cache      *jwk.Cache
-	resource   *httprc.ResourceBase[jwk.Set]
-	staticSet  jwk.Set
-	index      atomic.Pointer[keyIndex]
-	logger     *zap.Logger
-
-	refetchMu   sync.Mutex
-	lastRefetch time.Time
-	fetches     atomic.Int64
-	onFetch     func(issuer string, err error)
+	keys       *keyUser
 }
 
 // keyIndex is a JWKS turned into ready-to-use public keys, by kid.
 type keyIndex struct {
-	set  jwk.Set
 	keys []verifyKey
 }
 
 type verifyKey struct {
-	kid string
-	alg string // the JWK's own alg, if any
-	pub any
+	kid        string
+	alg        string // the JWK's own alg, if any
+	thumbprint string // RFC 7638, SHA-256, base64url
+	pub        any
 }
 
-// NewTrustStore validates the configuration, loads JWKS files and registers
-// JWKS URLs with a background-refreshing cache bound to ctx. It does not wait
-// for remote JWKS: an issuer that is down at start-up fails closed (its tokens
-// are refused) until its keys arrive.
+// NewTrustStore validates the configuration, loads JWKS files and starts (or
+// shares) the sources of JWKS URLs. It does not wait for remote JWKS: an
+// issuer that is down at start-up fails closed (its tokens are refused)
+// until its keys arrive.
 func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 	ts := &TrustStore{
 		issuers:      make(map[string]*trustedIssuer, len(cfg.Issuers)),
@@ -175,59 +172,28 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 	if len(cfg.Issuers) == 0 {
 		return nil, errors.New("no trusted issuer configured")
 	}
+	ts.sources = newKeySources(cfg.KeySources, KeySourceConfig{
+		FetchTimeout: cfg.FetchTimeout, HTTPClient: cfg.HTTPClient, Now: ts.now,
+	})
 	for _, ic := range cfg.Issuers {
 		if err := validateIssuerConfig(&ic); err != nil {
+			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q: %w", ic.Issuer, err)
 		}
 		if _, dup := ts.issuers[ic.Issuer]; dup {
+			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q is configured twice", ic.Issuer)
 		}
-		ti := &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, logger: ts.logger, onFetch: cfg.OnFetch}
-		if ic.JWKSFile != "" {
-			set, err := jwk.ReadFile(ic.JWKSFile)
-			if err != nil {
-				return nil, fmt.Errorf("trusted issuer %q: reading jwks_file: %w", ic.Issuer, err)
-			}
-			pub, err := jwk.PublicSetOf(set)
-			if err != nil {
-				return nil, fmt.Errorf("trusted issuer %q: jwks_file: %w", ic.Issuer, err)
-			}
-			ti.staticSet = pub
-		}
-		ts.issuers[ic.Issuer] = ti
-	}
-
-	var urlIssuers []*trustedIssuer
-	for _, ti := range ts.issuers {
-		if ti.cfg.JWKSURL != "" {
-			urlIssuers = append(urlIssuers, ti)
-		}
-	}
-	if len(urlIssuers) > 0 {
-		client := cfg.HTTPClient
-		if client == nil {
-			timeout := cfg.FetchTimeout
-			if timeout <= 0 {
-				timeout = DefaultFetchTimeout
-			}
-			client = &http.Client{Timeout: timeout}
-		}
-		cctx, cancel := context.WithCancel(ctx)
-		cache, err := jwk.NewCache(cctx, httprc.NewClient(httprc.WithWorkers(2)))
+		keys, err := ts.sources.user(keyUserConfig{
+			url: ic.JWKSURL, file: ic.JWKSFile, name: ic.Issuer, field: zap.String("issuer", ic.Issuer),
+			maxStale: ic.JWKSMaxStale, refetchInterval: ic.RefetchInterval,
+			logger: ts.logger, onFetch: cfg.OnFetch,
+		})
 		if err != nil {
-			cancel()
-			return nil, fmt.Errorf("starting JWKS cache: %w", err)
+			ts.Close()
+			return nil, fmt.Errorf("trusted issuer %q: %w", ic.Issuer, err)
 		}
-		ts.cache, ts.cancel = cache, cancel
-		for _, ti := range urlIssuers {
-			ti.cache = cache
-			var err error
-			ti.resource, err = registerJWKS(cctx, cache, ti.cfg.JWKSURL, client)
-			if err != nil {
-				ts.Close()
-				return nil, fmt.Errorf("trusted issuer %q: registering jwks_url: %w", ti.cfg.Issuer, err)
-			}
-		}
+		ts.issuers[ic.Issuer] = &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, keys: keys}
 	}
 	return ts, nil
 }
@@ -241,6 +207,10 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 		return errors.New("one of jwks_url or jwks_file is required")
 	case ic.JWKSURL != "" && ic.JWKSFile != "":
 		return errors.New("jwks_url and jwks_file are mutually exclusive")
+	case ic.JWKSURL != "":
+		if err := CheckJWKSURL(ic.JWKSURL); err != nil {
+			return err
+		}
 	}
 	if len(ic.Audiences) == 0 {
 		return errors.New("at least one audience is required: tokens meant for another service must not pass")
@@ -281,41 +251,22 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 	if ic.RefetchInterval <= 0 {
 		ic.RefetchInterval = DefaultRefetchInterval
 	}
+	if ic.JWKSMaxStale < 0 {
+		return errors.New("jwks_max_stale must not be negative")
+	}
 	return nil
 }
 
-// registerJWKS adds url to cache without waiting for its first fetch, and
-// returns its resource: reading the set through it is an atomic load, where
-// jwk.Cache.Lookup is a round trip to the cache's single goroutine.
-func registerJWKS(ctx context.Context, cache *jwk.Cache, url string, client *http.Client) (*httprc.ResourceBase[jwk.Set], error) {
-	err := cache.Register(ctx, url,
-		jwk.WithHTTPClient(client),
-		jwk.WithWaitReady(false),
-		jwk.WithMaxFetchBodySize(DefaultMaxJWKSBodySize),
-		jwk.WithMinInterval(defaultJWKSMinRefresh),
-		jwk.WithMaxInterval(defaultJWKSMaxRefresh),
-	)
-	if err != nil {
-		return nil, err
-	}
-	return cache.LookupResource(ctx, url)
-}
-
-// Close stops the JWKS refreshers.
+// Close releases the JWKS sources; the last user of a source stops it.
 func (ts *TrustStore) Close() error {
-	if ts.cancel == nil {
-		return nil
-	}
-	defer ts.cancel()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	return ts.cache.Shutdown(ctx)
+	return ts.sources.close()
 }
 
-// JWKSFetches reports how many forced JWKS fetches an issuer has made.
+// JWKSFetches reports how many forced fetches the JWKS source of an issuer
+// has made (shared by everyone using its URL).
 func (ts *TrustStore) JWKSFetches(issuer string) int64 {
 	if ti, ok := ts.issuers[issuer]; ok {
-		return ti.fetches.Load()
+		return ti.keys.src.forced.Load()
 	}
 	return 0
 }
@@ -330,57 +281,19 @@ func (ts *TrustStore) Issuers() []string {
 	return out
 }
 
-// currentSet returns the issuer's key set, or nil when none has arrived yet.
-func (ti *trustedIssuer) currentSet(ctx context.Context) jwk.Set {
-	if ti.staticSet != nil {
-		return ti.staticSet
-	}
-	return ti.resource.Resource()
-}
-
-// keys returns the indexed public keys of the issuer's current set.
-func (ti *trustedIssuer) keys(ctx context.Context) *keyIndex {
-	set := ti.currentSet(ctx)
-	if set == nil {
-		return nil
-	}
-	if idx := ti.index.Load(); idx != nil && idx.set == set {
-		return idx
-	}
-	idx := indexKeySet(set)
-	// A set with no usable key (an empty or broken JWKS at refresh) does
-	// not replace the last good keys: an IdP fault must not become an outage.
-	if prev := ti.index.Load(); len(idx.keys) == 0 && prev != nil && len(prev.keys) > 0 {
-		return prev
-	}
-	ti.index.Store(idx)
-	return idx
-}
-
-// hasKey tells whether issuer still publishes a key with kid: a cached
-// exchange is reused only while the key that verified its subject remains.
-func (ts *TrustStore) hasKey(issuer, kid string) bool {
+// hasKey tells whether issuer still publishes the key with RFC 7638
+// thumbprint tp, and its keys are usable: a cached exchange is reused only
+// while the key that verified its subject remains, material and all.
+func (ts *TrustStore) hasKey(issuer, tp string) bool {
 	ti, ok := ts.issuers[issuer]
-	if !ok {
-		return false
-	}
-	idx := ti.keys(context.Background())
-	if idx == nil {
-		return false
-	}
-	for _, k := range idx.keys {
-		if k.kid == kid {
-			return true
-		}
-	}
-	return false
+	return ok && ti.keys.hasThumbprint(tp)
 }
 
 // indexKeySet turns a JWKS into usable public signing keys: keys marked for
 // another use, and keys of no type an accepted algorithm fits (symmetric keys
 // among them), are left out.
 func indexKeySet(set jwk.Set) *keyIndex {
-	idx := &keyIndex{set: set}
+	idx := &keyIndex{}
 	for i := 0; i < set.Len(); i++ {
 		k, _ := set.Key(i)
 		if use, ok := k.KeyUsage(); ok && use != "sig" {
@@ -397,7 +310,11 @@ func indexKeySet(set jwk.Set) *keyIndex {
 		if !slices.ContainsFunc(supportedVerifyAlgorithms, func(a string) bool { return keyFitsAlgorithm(raw, a) }) {
 			continue
 		}
-		vk := verifyKey{pub: raw}
+		tp, err := thumbprint(pk)
+		if err != nil {
+			continue
+		}
+		vk := verifyKey{pub: raw, thumbprint: tp}
 		vk.kid, _ = k.KeyID()
 		if a, ok := k.Algorithm(); ok {
 			vk.alg = a.String()
@@ -409,11 +326,11 @@ func indexKeySet(set jwk.Set) *keyIndex {
 
 // find picks the key for kid that fits alg. An empty kid is accepted only when
 // exactly one key of the set fits, so the header never chooses among several.
-func (idx *keyIndex) find(kid, alg string) (any, bool) {
+func (idx *keyIndex) find(kid, alg string) (verifyKey, bool) {
 	if idx == nil {
-		return nil, false
+		return verifyKey{}, false
 	}
-	var found any
+	var found verifyKey
 	n := 0
 	for _, k := range idx.keys {
 		if kid != "" && k.kid != kid {
@@ -425,7 +342,7 @@ func (idx *keyIndex) find(kid, alg string) (any, bool) {
 		if !keyFitsAlgorithm(k.pub, alg) {
 			continue
 		}
-		found = k.pub
+		found = k
 		n++
 		if kid != "" {
 			return found, true
@@ -456,42 +373,6 @@ func keyFitsAlgorithm(pub any, alg string) bool {
 		return alg == "EdDSA"
 	}
 	return false
-}
-
-// keyFor returns the verification key for kid and alg, refetching the
-// issuer's JWKS (throttled) when the key is unknown.
-func (ti *trustedIssuer) keyFor(ctx context.Context, kid, alg string, now time.Time) (any, bool) {
-	if k, ok := ti.keys(ctx).find(kid, alg); ok {
-		return k, true
-	}
-	if ti.cache == nil || !ti.refetch(ctx, now) {
-		return nil, false
-	}
-	return ti.keys(ctx).find(kid, alg)
-}
-
-// refetch forces one JWKS fetch unless one happened within RefetchInterval.
-// Concurrent callers wait for the fetch in flight instead of starting their
-// own. It reports whether a fetch was made.
-func (ti *trustedIssuer) refetch(ctx context.Context, now time.Time) bool {
-	ti.refetchMu.Lock()
-	defer ti.refetchMu.Unlock()
-	if !ti.lastRefetch.IsZero() && now.Sub(ti.lastRefetch) < ti.cfg.RefetchInterval {
-		// Fetched recently (perhaps while we waited): look again, fetch nothing.
-		return true
-	}
-	ti.lastRefetch = now
-	ti.fetches.Add(1)
-	_, err := ti.cache.Refresh(ctx, ti.cfg.JWKSURL)
-	if ti.onFetch != nil {
-		ti.onFetch(ti.cfg.Issuer, err)
-	}
-	if err != nil {
-		ti.logger.Warn("JWKS refetch failed; keeping the last good keys",
-			zap.String("issuer", ti.cfg.Issuer), zap.String("jwks_url", ti.cfg.JWKSURL), zap.Error(err))
-		return false
-	}
-	return true
 }
 
 // algorithmAllowed tells whether alg is on the issuer's allow-list.

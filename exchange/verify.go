@@ -35,6 +35,9 @@ type Subject struct {
 	JTI string
 	// KeyID is the kid of the key that verified it.
 	KeyID string
+	// KeyThumbprint is the RFC 7638 SHA-256 thumbprint (base64url) of the
+	// key that verified it: what a cached exchange is bound to.
+	KeyThumbprint string
 	// TokenHash is the hex SHA-256 of the raw token: what logs may carry.
 	TokenHash string
 	// Act is its prior `act` chain (nil when none).
@@ -155,12 +158,15 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, err
 	}
 	now := ts.now()
-	key, ok := ti.keyFor(ctx, hdr.Kid, hdr.Alg, now)
-	if !ok {
+	key, status := ti.keys.keyFor(ctx, hdr.Kid, hdr.Alg)
+	switch status {
+	case keysUnavailable:
+		return nil, keysUnavailableError("the issuer's keys are unavailable", ti.keys.refetchInterval)
+	case keyUnknown:
 		return nil, invalidToken("unknown_key", "no key of the issuer matches the token's kid and algorithm")
 	}
 	alg, _ := jwa.LookupSignatureAlgorithm(hdr.Alg)
-	if _, err := jws.VerifyCompactFast(key, []byte(raw), alg); err != nil {
+	if _, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg); err != nil {
 		return nil, invalidToken("bad_signature", "token signature does not verify")
 	}
 
@@ -195,7 +201,7 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, err
 	}
 
-	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti}
+	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, KeyThumbprint: key.thumbprint, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti}
 
 	if v, ok := s.Claim(ti.cfg.ScopeClaim); ok {
 		external, err := scopesFromClaim(v)

@@ -166,6 +166,13 @@ func TestUnknownKidRefetchIsThrottled(t *testing.T) {
 	cfg.RefetchInterval = time.Hour
 	ts := newTestTrust(t, cfg)
 	ctx := context.Background()
+	// The first request waits for the initial fetch; it forces none.
+	if _, err := ts.Verify(ctx, idp.Token("old", nil), VerifyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := ts.JWKSFetches("https://idp.test"); n != 0 {
+		t.Fatalf("%d forced fetches before any unknown kid", n)
+	}
 
 	// A rotated key arrives: the first token with its kid triggers one refetch.
 	idp.AddHiddenKey("new", "ES256")
@@ -205,8 +212,10 @@ func TestIssuerDownAtStartFailsClosedThenRecovers(t *testing.T) {
 	ts := newTestTrust(t, cfg)
 	tok := idp.Token(kid, nil)
 	_, err := ts.Verify(context.Background(), tok, VerifyOptions{})
-	if e := AsError(err); e.Kind != KindInvalidToken || e.Reason != "unknown_key" {
-		t.Fatalf("with the JWKS down, want unknown_key, got %v", err)
+	// Keys never fetched: the issuer cannot answer, which is not the
+	// token's fault (DESIGN §6 failure rule): unavailable, not invalid.
+	if e := AsError(err); e.Kind != KindUnavailable || e.Reason != "keys_unavailable" || e.RetryAfter <= 0 {
+		t.Fatalf("with the JWKS down, want keys_unavailable with a retry-after, got %v", err)
 	}
 }
 
