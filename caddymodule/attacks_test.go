@@ -599,11 +599,11 @@ func TestAttackCatalogue(t *testing.T) {
 			_ = json.Unmarshal(raw, &out.body)
 			return out
 		}
-		if r := send("localhost:9080", gatewayIssuer+"/oauth2/token"); r.status != http.StatusOK {
+		if r := send(fmt.Sprintf("localhost:%d", gatewayPort), gatewayIssuer+"/oauth2/token"); r.status != http.StatusOK {
 			t.Fatalf("assertion for the configured token endpoint: %d %s", r.status, r.raw)
 		}
 		before := g.minted(t)
-		for _, host := range []string{"as.other.example", "localhost:9080"} {
+		for _, host := range []string{"as.other.example", fmt.Sprintf("localhost:%d", gatewayPort)} {
 			r := send(host, "http://as.other.example/oauth2/token")
 			if r.status != http.StatusUnauthorized || r.body["error"] != "invalid_client" {
 				t.Errorf("Host %s, assertion for another server: %d %s, want 401 invalid_client", host, r.status, r.raw)

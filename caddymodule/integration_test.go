@@ -27,9 +27,24 @@ import (
 	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
 )
 
+// Test ports. CTE_TEST_PORT_OFFSET shifts them all, so that test runs from
+// several checkouts on one machine do not share Caddy's admin or HTTP port.
+var (
+	portOffset  = testPortOffset()
+	gatewayPort = 9080 + portOffset
+	adminPort   = 2999 + portOffset
+	httpsPort   = 9443 + portOffset
+)
+
+func testPortOffset() int {
+	n, _ := strconv.Atoi(os.Getenv("CTE_TEST_PORT_OFFSET"))
+	return n
+}
+
+func init() { caddytest.Default.AdminPort = adminPort }
+
 const (
 	gatewayIssuer = "https://gateway.test"
-	gatewayPort   = 9080
 )
 
 // recordingUpstream is the internal API behind the gateway: it records what
@@ -68,15 +83,15 @@ func (u *recordingUpstream) last() *http.Request {
 // shares: caddytest's admin port, the test HTTP ports, a DEBUG log to
 // logFile (scanned for leaked tokens) and storage in storageDir.
 func testGlobalOptions(logFile, storageDir string) string {
-	return fmt.Sprintf(`	admin localhost:2999
+	return fmt.Sprintf(`	admin localhost:%d
 	http_port %d
-	https_port 9443
+	https_port %d
 	log {
 		output file %s
 		level DEBUG
 	}
 	storage file_system %s
-`, gatewayPort, logFile, storageDir)
+`, adminPort, gatewayPort, httpsPort, logFile, storageDir)
 }
 
 type gateway struct {
@@ -113,7 +128,7 @@ func (g *gateway) assertNoTokenLogged(t *testing.T, tokens ...string) {
 // metric returns the admin /metrics exposition.
 func (g *gateway) metrics(t *testing.T) string {
 	t.Helper()
-	resp, err := g.tester.Client.Get("http://localhost:2999/metrics")
+	resp, err := g.tester.Client.Get(fmt.Sprintf("http://localhost:%d/metrics", adminPort))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -30,7 +31,7 @@ func TestPolicyThroughCaddy(t *testing.T) {
 
 	mint := func(t *testing.T, method string, c testidp.Claims) (*http.Response, jwt.Token) {
 		t.Helper()
-		req, _ := http.NewRequest(method, "http://localhost:9080/api/docs", nil)
+		req, _ := http.NewRequest(method, fmt.Sprintf("http://localhost:%d/api/docs", gatewayPort), nil)
 		req.Header.Set("Authorization", "Bearer "+g.idp.Token("ec-1", c))
 		resp, err := g.tester.Client.Do(req)
 		if err != nil {
