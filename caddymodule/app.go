@@ -5,6 +5,7 @@
 package caddymodule
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -99,6 +100,11 @@ type App struct {
 	trust   *exchange.TrustStore
 	clients *exchange.Clients
 	logger  *zap.Logger
+
+	// for Start: where the generated signing key is kept
+	ctx        context.Context
+	storage    exchange.KeyStorage
+	signingAlg string
 }
 
 // TrustedIssuer is one issuer of subject tokens.
@@ -217,16 +223,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.trust = trust
 
+	// A key file is read (and checked) here; a key kept in storage is
+	// loaded or created in Start, because provisioning must write nothing:
+	// `caddy validate` and `adapt` provision too.
 	var signer *exchange.Signer
 	if a.SigningKeyFile != "" {
-		signer, err = exchange.SignerFromFile(a.SigningKeyFile, alg)
-	} else {
-		signer, err = exchange.LoadOrCreateSigner(ctx, ctx.Storage(), alg)
+		if signer, err = exchange.SignerFromFile(a.SigningKeyFile, alg); err != nil {
+			_ = trust.Close()
+			return fmt.Errorf("token_exchange: %w", err)
+		}
 	}
-	if err != nil {
-		_ = trust.Close()
-		return fmt.Errorf("token_exchange: %w", err)
-	}
+	a.signingAlg, a.storage, a.ctx = alg, ctx.Storage(), ctx
 
 	a.engine, err = exchange.NewEngine(exchange.EngineConfig{
 		Issuer:        a.Issuer,
@@ -285,16 +292,29 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.logger.Warn("key_rotation is accepted but signing keys are not rotated yet: the same key signs until it is replaced by hand",
 			zap.Duration("key_rotation", time.Duration(a.KeyRotation)))
 	}
+	return nil
+}
+
+// Start loads the signing key kept in storage, generating and storing it
+// under the storage lock on first start; a signing_key_file was loaded at
+// provision.
+func (a *App) Start() error {
+	signer := a.engine.Signer()
+	if signer == nil {
+		var err error
+		signer, err = exchange.LoadOrCreateSigner(a.ctx, a.storage, a.signingAlg)
+		if err != nil {
+			return fmt.Errorf("token_exchange: %w", err)
+		}
+		a.engine.SetSigner(signer)
+	}
 	a.logger.Info("token exchange ready",
 		zap.String("issuer", a.Issuer),
 		zap.String("signing_alg", signer.Algorithm()),
 		zap.String("kid", signer.KeyID()),
-		zap.Strings("trusted_issuers", trust.Issuers()))
+		zap.Strings("trusted_issuers", a.trust.Issuers()))
 	return nil
 }
-
-// Start implements caddy.App.
-func (a *App) Start() error { return nil }
 
 // Stop implements caddy.App.
 func (a *App) Stop() error { return nil }

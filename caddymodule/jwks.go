@@ -22,7 +22,7 @@ type JWKSHandler struct {
 	// MaxAge of the Cache-Control header (default 5m).
 	MaxAge caddy.Duration `json:"max_age,omitempty"`
 
-	signer *exchange.Signer
+	engine *exchange.Engine
 }
 
 // CaddyModule returns the Caddy module information.
@@ -39,7 +39,7 @@ func (h *JWKSHandler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	h.signer = app.Engine().Signer()
+	h.engine = app.Engine()
 	if h.MaxAge == 0 {
 		h.MaxAge = caddy.Duration(5 * time.Minute)
 	}
@@ -52,7 +52,13 @@ func (h *JWKSHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyh
 		w.Header().Set("Allow", "GET, HEAD")
 		return caddyhttp.Error(http.StatusMethodNotAllowed, nil)
 	}
-	body := h.signer.JWKS()
+	signer := h.engine.Signer()
+	if signer == nil {
+		// The app loads or creates its key when it starts.
+		w.Header().Set("Retry-After", "1")
+		return caddyhttp.Error(http.StatusServiceUnavailable, nil)
+	}
+	body := signer.JWKS()
 	w.Header().Set("Content-Type", "application/jwk-set+json")
 	w.Header().Set("Cache-Control", "public, max-age="+strconv.Itoa(int(time.Duration(h.MaxAge).Seconds())))
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))

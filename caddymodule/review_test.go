@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
 
 	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
@@ -305,5 +307,53 @@ func TestKeygenKeepsPrivateKeysPrivate(t *testing.T) {
 	}
 	if again, _ := os.ReadFile(out); string(again) == string(first) {
 		t.Error("--force did not write a new key")
+	}
+}
+
+// TestValidateWritesNoKeys: provisioning writes nothing to storage, so
+// `caddy validate` (and adapt, dry runs) never creates a signing key; the
+// key is created when the app starts (DESIGN §6).
+func TestValidateWritesNoKeys(t *testing.T) {
+	idp := testidp.New(t, "https://idp.test")
+	idp.AddKey("ec-1", "ES256")
+	storage := t.TempDir()
+	input := fmt.Sprintf(`{
+	storage file_system %s
+	token_exchange {
+		issuer https://gateway.test
+		trust https://idp.test {
+			jwks_url %s
+			audience https://gateway.test
+			algorithms ES256
+		}
+	}
+}
+http://localhost:1 {
+	token_exchange {
+		audience %s
+	}
+	respond ok
+}
+`, storage, idp.JWKSURL(), audOrders)
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg caddy.Config
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(&cfg); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	var written []string
+	_ = filepath.WalkDir(storage, func(path string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			written = append(written, path)
+		}
+		return nil
+	})
+	if len(written) != 0 {
+		t.Fatalf("validate wrote to storage: %v", written)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -47,17 +48,20 @@ type EngineConfig struct {
 type Engine struct {
 	cfg    EngineConfig
 	trust  *TrustStore
-	signer *Signer
+	signer atomic.Pointer[Signer]
 	cache  *Cache
 }
 
-// NewEngine checks the configuration and assembles an engine.
+// NewEngine checks the configuration and assembles an engine. signer may be
+// nil when the key is loaded later (SetSigner): a host that must not touch
+// its key storage while only validating a configuration loads it at start;
+// until then every exchange answers KindUnavailable.
 func NewEngine(cfg EngineConfig, trust *TrustStore, signer *Signer) (*Engine, error) {
 	if cfg.Issuer == "" {
 		return nil, errors.New("issuer is required: it is the iss of every minted token")
 	}
-	if trust == nil || signer == nil {
-		return nil, errors.New("engine needs a trust store and a signer")
+	if trust == nil {
+		return nil, errors.New("engine needs a trust store")
 	}
 	if cfg.Actor == "" {
 		cfg.Actor = cfg.Issuer
@@ -71,7 +75,10 @@ func NewEngine(cfg EngineConfig, trust *TrustStore, signer *Signer) (*Engine, er
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	e := &Engine{cfg: cfg, trust: trust, signer: signer}
+	e := &Engine{cfg: cfg, trust: trust}
+	if signer != nil {
+		e.signer.Store(signer)
+	}
 	if !cfg.DisableCache {
 		e.cache = NewCache(CacheConfig{MaxEntries: cfg.CacheSize, Now: cfg.Now})
 	}
@@ -90,8 +97,11 @@ func (e *Engine) Actor() Actor { return Actor{Subject: e.cfg.Actor} }
 // Trust is the engine's trust store.
 func (e *Engine) Trust() *TrustStore { return e.trust }
 
-// Signer is the engine's signer.
-func (e *Engine) Signer() *Signer { return e.signer }
+// Signer is the engine's signer; nil until one is set.
+func (e *Engine) Signer() *Signer { return e.signer.Load() }
+
+// SetSigner sets (or replaces) the key minted tokens are signed with.
+func (e *Engine) SetSigner(s *Signer) { e.signer.Store(s) }
 
 // Grant is what one exchange may issue: the route's (or client's) policy.
 type Grant struct {
@@ -354,7 +364,11 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
 	}
-	signed, err := e.signer.SignPayload(payload)
+	signer := e.signer.Load()
+	if signer == nil {
+		return nil, &Error{Kind: KindUnavailable, Reason: "no_signing_key", Description: "the signing key is not loaded yet; retry later", RetryAfter: time.Second}
+	}
+	signed, err := signer.SignPayload(payload)
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "signing", Description: "internal error", Err: err}
 	}
