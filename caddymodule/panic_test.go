@@ -17,7 +17,7 @@ import (
 
 // A panic inside the exchange must reach the client as a bare 500, be
 // logged, and never call the next handler. The handler here has no engine
-// at all, so the exchange panics for real (nil dereference).
+// and no gate at all, so the admission panics for real (nil dereference).
 func TestMiddlewarePanicBecomes500(t *testing.T) {
 	if err := registerMetrics(prometheus.NewRegistry()); err != nil {
 		t.Fatal(err)
