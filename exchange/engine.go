@@ -123,7 +123,31 @@ type Grant struct {
 
 	// cacheID names everything above that shapes a minted token; empty
 	// means the grant's results are not cacheable. Set by Validate.
-	cacheID string
+	cacheID   string
+	validated bool
+}
+
+// NewGrant checks a grant and returns it ready for use: the one way to
+// make a grant whose results can be cached.
+func NewGrant(g Grant) (*Grant, error) {
+	if err := g.Validate(); err != nil {
+		return nil, err
+	}
+	return &g, nil
+}
+
+// ready returns g validated: g itself when it already is, else a validated
+// copy (a grant built as a literal still works, and still caches, at the
+// cost of validating it on each call).
+func (g *Grant) ready() (*Grant, error) {
+	if g.validated {
+		return g, nil
+	}
+	c := *g
+	if err := c.Validate(); err != nil {
+		return nil, &Error{Kind: KindServer, Reason: "invalid_grant_config", Description: "internal error", Err: err}
+	}
+	return &c, nil
 }
 
 // ExchangeInput is what one exchange acts on, beyond the grant.
@@ -156,6 +180,7 @@ func (g *Grant) Validate() error {
 		}
 	}
 	g.cacheID = g.identity()
+	g.validated = true
 	return nil
 }
 
@@ -212,6 +237,10 @@ type Minted struct {
 func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, req *RequestInfo) (*Minted, error) {
 	if raw == "" {
 		return nil, &Error{Kind: KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
+	}
+	grant, err := grant.ready()
+	if err != nil {
+		return nil, err
 	}
 	mint := func() (*Minted, *Subject, error) {
 		subject, err := e.Verify(ctx, raw, "access_token")

@@ -101,3 +101,35 @@ func TestGrantReadingRequestIsNotCached(t *testing.T) {
 		t.Fatal("a request-dependent denial was bypassed by the cache")
 	}
 }
+
+// TestGrantLiteralStillCaches: a grant built as a literal, never validated,
+// used to lose caching silently (its cache identity was set by Validate);
+// NewGrant is the constructor, and a literal is validated per call.
+func TestGrantLiteralStillCaches(t *testing.T) {
+	f := newEngineFixture(t, "ES256")
+	tok := f.idp.Token(f.kid, claims{"scope": "orders.read"})
+	literal := &Grant{Audiences: []string{"https://orders.internal"}, Scopes: []string{"orders.read"}}
+	built, err := NewGrant(Grant{Audiences: []string{"https://billing.internal"}, Scopes: []string{"orders.read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, g := range map[string]*Grant{"literal": literal, "NewGrant": built} {
+		first, err := f.engine.ExchangeBearer(context.Background(), tok, g, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		second, err := f.engine.ExchangeBearer(context.Background(), tok, g, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !second.Cached || second.JTI != first.JTI {
+			t.Errorf("%s grant: second exchange not served from the cache", name)
+		}
+	}
+	if _, err := NewGrant(Grant{Claims: []string{"sub"}}); err == nil {
+		t.Error("NewGrant accepted a grant without audience")
+	}
+	if _, err := f.engine.ExchangeBearer(context.Background(), tok, &Grant{}, nil); AsError(err).Kind != KindServer {
+		t.Errorf("an invalid literal grant: %v", err)
+	}
+}
