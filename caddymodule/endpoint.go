@@ -83,16 +83,7 @@ func (h *EndpointHandler) audit(r *http.Request, o *exchange.EndpointOutcome) {
 	}
 	if o.Issued != nil {
 		metrics.endpoint.WithLabelValues(outcomeOK).Inc()
-		m := o.Issued.Minted
-		h.logger.Info("token exchanged", append(fields,
-			zap.String("sub", m.Subject),
-			zap.String("act", actChain(m.ActChain)),
-			zap.Strings("aud", m.Audiences),
-			zap.String("scope", exchange.FormatScope(m.Scopes)),
-			zap.String("jti", m.JTI),
-			zap.String("subject_issuer", m.SubjectIssuer),
-			zap.String("subject_token_sha256", m.SubjectTokenHash),
-			zap.Time("exp", m.Expiry))...)
+		h.logger.Info("token exchanged", append(fields, mintedFields(o.Issued.Minted)...)...)
 		return
 	}
 	e := o.Err
