@@ -11,9 +11,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
-	"github.com/lestrrat-go/jwx/v3/jwa"
-	"github.com/lestrrat-go/jwx/v3/jws"
 )
 
 // private_key_jwt client authentication (RFC 7523 §2.2, §3) and the replay
@@ -79,18 +76,13 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 	}
 
 	now := c.now()
-	key, status := rc.keys.keyFor(ctx, hdr.Kid, hdr.Alg)
-	switch status {
-	case keysUnavailable:
+	_, status, err := rc.keys.verifyJWS(ctx, hdr, raw)
+	switch {
+	case status == keysUnavailable:
 		return nil, keysUnavailableError("the client's keys are unavailable", rc.keys.refetchInterval)
-	case keyUnknown:
+	case status == keyUnknown:
 		return nil, clientError("unknown_key", authFailed)
-	}
-	alg, ok := jwa.LookupSignatureAlgorithm(hdr.Alg)
-	if !ok {
-		return nil, clientError("bad_algorithm", "client_assertion must be signed with an asymmetric algorithm")
-	}
-	if _, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg); err != nil {
+	case err != nil:
 		return nil, &Error{Kind: KindInvalidClient, Reason: "bad_signature", Description: authFailed, Err: err}
 	}
 

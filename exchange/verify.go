@@ -157,15 +157,13 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, err
 	}
 	now := ts.now()
-	key, status := ti.keys.keyFor(ctx, hdr.Kid, hdr.Alg)
-	switch status {
-	case keysUnavailable:
+	key, status, err := ti.keys.verifyJWS(ctx, hdr, raw)
+	switch {
+	case status == keysUnavailable:
 		return nil, keysUnavailableError("the issuer's keys are unavailable", ti.keys.refetchInterval)
-	case keyUnknown:
+	case status == keyUnknown:
 		return nil, invalidToken("unknown_key", "no key of the issuer matches the token's kid and algorithm")
-	}
-	alg, _ := jwa.LookupSignatureAlgorithm(hdr.Alg)
-	if _, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg); err != nil {
+	case err != nil:
 		return nil, invalidToken("bad_signature", "token signature does not verify")
 	}
 
@@ -421,4 +419,21 @@ func decodeSegment(seg string, dst any) error {
 		return err
 	}
 	return json.Unmarshal(b, dst)
+}
+
+// verifyJWS checks a compact JWS with the key its header selects (kid and
+// alg within the source's keys, refetching when none fits): the one
+// signature check of subject tokens, actor tokens and client assertions.
+// The caller has checked alg against its allow-list.
+func (u *keyUser) verifyJWS(ctx context.Context, hdr jwsHeader, raw string) (verifyKey, keyStatus, error) {
+	key, status := u.keyFor(ctx, hdr.Kid, hdr.Alg)
+	if status != keyFound {
+		return key, status, nil
+	}
+	alg, ok := jwa.LookupSignatureAlgorithm(hdr.Alg)
+	if !ok {
+		return key, keyUnknown, nil
+	}
+	_, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg)
+	return key, keyFound, err
 }
