@@ -88,14 +88,8 @@ func NewEngine(cfg EngineConfig, trust *TrustStore, signer *Signer) (*Engine, er
 // Cache is the minted-token cache (nil when disabled).
 func (e *Engine) Cache() *Cache { return e.cache }
 
-// Issuer is the iss of minted tokens.
-func (e *Engine) Issuer() string { return e.cfg.Issuer }
-
 // Actor is the gateway's own actor identity.
 func (e *Engine) Actor() Actor { return Actor{Subject: e.cfg.Actor} }
-
-// Trust is the engine's trust store.
-func (e *Engine) Trust() *TrustStore { return e.trust }
 
 // Signer is the engine's signer; nil until one is set.
 func (e *Engine) Signer() *Signer { return e.signer.Load() }

@@ -47,7 +47,7 @@ type RuleConfig struct {
 	// DenyIf: any expression evaluating to true denies.
 	DenyIf []string
 	// Grants add scopes when their condition holds (always narrowed to the
-	// route's or client's scopes afterwards: see NarrowScopes).
+	// route's or client's scopes afterwards: see narrowScopes).
 	Grants []GrantRule
 	// Claims are computed claims of the minted token.
 	Claims []ClaimRule
@@ -105,7 +105,7 @@ type RuleResult struct {
 	Reason string
 	// Granted are the scopes of every grant whose condition was true, in
 	// rule order, without duplicates. They are NOT yet narrowed: the caller
-	// must pass them through NarrowScopes with the route's or client's scopes.
+	// must pass them through narrowScopes with the route's or client's scopes.
 	Granted []string
 	// Claims are the computed claims, as plain JSON values (string, int64,
 	// uint64, float64, bool, nil, []any, map[string]any). A claim whose
@@ -298,10 +298,10 @@ func (r *Rules) Empty() bool {
 	return r == nil || len(r.allow)+len(r.deny)+len(r.grants)+len(r.claims) == 0
 }
 
-// GrantableScopes returns every scope some grant rule may give, so that
+// grantableScopes returns every scope some grant rule may give, so that
 // configuration can warn about grants outside a route's scopes (which
-// NarrowScopes would always remove).
-func (r *Rules) GrantableScopes() []string {
+// narrowScopes would always remove).
+func (r *Rules) grantableScopes() []string {
 	if r == nil {
 		return nil
 	}
@@ -544,10 +544,10 @@ func celToJSON(v ref.Val, depth int) (any, error) {
 	}
 }
 
-// NarrowScopes returns the scopes of granted that are within ceiling, in the
+// narrowScopes returns the scopes of granted that are within ceiling, in the
 // order of granted and without duplicates. It is the rule that a grant never
 // widens: whatever the rules grant, the result holds no scope outside the
 // route's (or client's) declared scopes; an empty ceiling yields nothing.
-func NarrowScopes(granted, ceiling []string) []string {
+func narrowScopes(granted, ceiling []string) []string {
 	return IntersectScopes(granted, ceiling)
 }

@@ -346,8 +346,8 @@ func TestRulesGrantableScopes(t *testing.T) {
 		{Scopes: []string{"a", "b"}, If: "true"},
 		{Scopes: []string{"b", "c"}, If: "false"},
 	}})
-	if got, want := r.GrantableScopes(), []string{"a", "b", "c"}; !slices.Equal(got, want) {
-		t.Errorf("GrantableScopes = %q, want %q", got, want)
+	if got, want := r.grantableScopes(), []string{"a", "b", "c"}; !slices.Equal(got, want) {
+		t.Errorf("grantableScopes = %q, want %q", got, want)
 	}
 }
 
@@ -363,8 +363,8 @@ func TestNarrowScopes(t *testing.T) {
 		{[]string{"A"}, []string{"a"}, []string{}}, // scopes are case-sensitive
 	}
 	for _, tt := range tests {
-		if got := NarrowScopes(tt.granted, tt.ceiling); !slices.Equal(got, tt.want) {
-			t.Errorf("NarrowScopes(%q, %q) = %q, want %q", tt.granted, tt.ceiling, got, tt.want)
+		if got := narrowScopes(tt.granted, tt.ceiling); !slices.Equal(got, tt.want) {
+			t.Errorf("narrowScopes(%q, %q) = %q, want %q", tt.granted, tt.ceiling, got, tt.want)
 		}
 	}
 
@@ -382,15 +382,15 @@ func TestNarrowScopes(t *testing.T) {
 	for g := 0; g < 1<<len(universe); g++ {
 		for c := 0; c < 1<<len(universe); c++ {
 			granted, ceiling := subset(g), subset(c)
-			got := NarrowScopes(granted, ceiling)
+			got := narrowScopes(granted, ceiling)
 			for _, s := range got {
 				if !slices.Contains(ceiling, s) || !slices.Contains(granted, s) {
-					t.Fatalf("NarrowScopes(%q, %q) = %q holds %q", granted, ceiling, got, s)
+					t.Fatalf("narrowScopes(%q, %q) = %q holds %q", granted, ceiling, got, s)
 				}
 			}
 			for _, s := range granted {
 				if slices.Contains(ceiling, s) && !slices.Contains(got, s) {
-					t.Fatalf("NarrowScopes(%q, %q) = %q drops %q", granted, ceiling, got, s)
+					t.Fatalf("narrowScopes(%q, %q) = %q drops %q", granted, ceiling, got, s)
 				}
 			}
 		}
@@ -408,15 +408,15 @@ func TestRulesGrantNeverWidensThroughNarrowScopes(t *testing.T) {
 	if !slices.Contains(res.Granted, "admin:all") {
 		t.Fatalf("the grant rule did not fire (Granted = %q): the test proves nothing", res.Granted)
 	}
-	got := NarrowScopes(res.Granted, ceiling)
+	got := narrowScopes(res.Granted, ceiling)
 	if slices.Contains(got, "admin:all") {
-		t.Fatalf("NarrowScopes let admin:all through: %q", got)
+		t.Fatalf("narrowScopes let admin:all through: %q", got)
 	}
 	if !slices.Equal(got, []string{"orders.write"}) {
-		t.Errorf("NarrowScopes = %q, want [orders.write]", got)
+		t.Errorf("narrowScopes = %q, want [orders.write]", got)
 	}
-	if got := NarrowScopes(res.Granted, nil); len(got) != 0 {
-		t.Errorf("NarrowScopes with no ceiling = %q, want nothing", got)
+	if got := narrowScopes(res.Granted, nil); len(got) != 0 {
+		t.Errorf("narrowScopes with no ceiling = %q, want nothing", got)
 	}
 }
 
