@@ -42,6 +42,8 @@ type Signer struct {
 	private crypto.Signer
 	public  jwk.Set
 	jwks    []byte
+	// publishedKIDs are the other keys published beside it (sorted).
+	publishedKIDs []string
 }
 
 // CheckSigningAlgorithm tells whether the gateway can mint with alg.
