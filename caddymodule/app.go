@@ -7,6 +7,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -109,6 +110,18 @@ type TrustedIssuer struct {
 	JWKSURL string `json:"jwks_url,omitempty"`
 	// JWKSFile is read once at provisioning.
 	JWKSFile string `json:"jwks_file,omitempty"`
+	// Discovery reads the issuer's OIDC Discovery document
+	// (<issuer>/.well-known/openid-configuration, falling back to RFC 8414
+	// /.well-known/oauth-authorization-server) and takes jwks_uri and
+	// introspection_endpoint from it; its issuer must equal Issuer exactly.
+	// Exactly one of JWKSURL, JWKSFile and Discovery/DiscoveryURL.
+	Discovery bool `json:"discovery,omitempty"`
+	// DiscoveryURL is a non-standard metadata location (implies Discovery).
+	DiscoveryURL string `json:"discovery_url,omitempty"`
+	// IDTokenClaims are the claims that mark a token as an ID token, refused
+	// unless presented as one. Default: at_hash c_hash nonce. ["none"]
+	// turns detection off (refresh tokens are refused all the same).
+	IDTokenClaims []string `json:"id_token_claims,omitempty"`
 	// Audiences: an inbound `aud` must contain one of them. Required.
 	Audiences []string `json:"audiences,omitempty"`
 	// Algorithms is the JWS allow-list. Required; none and HMAC are refused.
@@ -181,10 +194,17 @@ func (a *App) Provision(ctx caddy.Context) error {
 
 	issuers := make([]exchange.IssuerConfig, 0, len(a.Trust))
 	for _, t := range a.Trust {
+		idTokenClaims, err := idTokenClaimsConfig(t.IDTokenClaims)
+		if err != nil {
+			return fmt.Errorf("token_exchange: trusted issuer %q: %w", t.Issuer, err)
+		}
 		issuers = append(issuers, exchange.IssuerConfig{
 			Issuer:          t.Issuer,
 			JWKSURL:         t.JWKSURL,
 			JWKSFile:        t.JWKSFile,
+			Discovery:       t.Discovery,
+			DiscoveryURL:    t.DiscoveryURL,
+			IDTokenClaims:   idTokenClaims,
 			Audiences:       t.Audiences,
 			Algorithms:      t.Algorithms,
 			TokenTypes:      t.TokenTypes,
@@ -291,6 +311,23 @@ func (a *App) Provision(ctx caddy.Context) error {
 		zap.String("kid", signer.KeyID()),
 		zap.Strings("trusted_issuers", trust.Issuers()))
 	return nil
+}
+
+// idTokenClaimsConfig maps id_token_claims to exchange.IssuerConfig: nil
+// is the default, ["none"] no detection.
+func idTokenClaimsConfig(v []string) ([]string, error) {
+	if slices.Contains(v, "none") {
+		if len(v) != 1 {
+			return nil, errors.New("id_token_claims none cannot be combined with claim names")
+		}
+		return []string{}, nil
+	}
+	for _, c := range v {
+		if c == "" {
+			return nil, errors.New("id_token_claims holds an empty claim name")
+		}
+	}
+	return v, nil
 }
 
 // Start implements caddy.App.

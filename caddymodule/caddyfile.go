@@ -47,12 +47,13 @@ func init() {
 //	    jwks_uri <url>
 //	    scopes_supported <scope...>
 //	    trust <issuer> {
-//	        jwks_url <url> | jwks_file <path>
+//	        jwks_url <url> | jwks_file <path> | discovery | discovery_url <url>
 //	        audience <aud...>
 //	        algorithms <alg...>
 //	        token_types <type...>
 //	        client_ids <client_id...>
 //	        typ <typ>
+//	        id_token_claims <claim...>|none
 //	        scope_claim scope|scp
 //	        map_scope <external> <internal...>
 //	        pass_unmapped_scopes
@@ -177,6 +178,19 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &t.JWKSURL)
 		case "jwks_file":
 			err = oneArg(d, &t.JWKSFile)
+		case "discovery":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			t.Discovery = true
+		case "discovery_url":
+			err = oneArg(d, &t.DiscoveryURL)
+		case "id_token_claims":
+			if err = appendArgs(d, &t.IDTokenClaims); err == nil {
+				if _, cerr := idTokenClaimsConfig(t.IDTokenClaims); cerr != nil {
+					return d.Errf("trust %s: %v", t.Issuer, cerr)
+				}
+			}
 		case "audience":
 			err = appendArgs(d, &t.Audiences)
 		case "algorithms":
@@ -234,8 +248,14 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if len(t.Audiences) == 0 {
 		return d.Errf("trust %s: audience is required", t.Issuer)
 	}
-	if (t.JWKSURL == "") == (t.JWKSFile == "") {
-		return d.Errf("trust %s: exactly one of jwks_url or jwks_file is required", t.Issuer)
+	n := 0
+	for _, set := range []bool{t.JWKSURL != "", t.JWKSFile != "", t.Discovery || t.DiscoveryURL != ""} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return d.Errf("trust %s: exactly one of jwks_url, jwks_file or discovery (discovery_url) is required", t.Issuer)
 	}
 	return nil
 }

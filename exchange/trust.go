@@ -67,9 +67,21 @@ func equalFoldASCII(a, b string) bool {
 type IssuerConfig struct {
 	// Issuer is the exact `iss` its tokens carry.
 	Issuer string
-	// JWKSURL or JWKSFile: where its public keys come from (exactly one).
+	// JWKSURL, JWKSFile or Discovery/DiscoveryURL: where its public keys
+	// come from (exactly one).
 	JWKSURL  string
 	JWKSFile string
+	// Discovery reads the issuer's metadata (OIDC Discovery at
+	// <issuer>/.well-known/openid-configuration, else RFC 8414) and takes
+	// its jwks_uri (and introspection_endpoint) from there, on every refresh.
+	Discovery bool
+	// DiscoveryURL is the metadata's location when it is not the standard
+	// one (implies Discovery; no fallback).
+	DiscoveryURL string
+	// IDTokenClaims are the claims that mark a token as an ID token, which
+	// is then refused unless presented as id_token. nil: DefaultIDTokenClaims;
+	// empty (non-nil): no detection.
+	IDTokenClaims []string
 	// Audiences: an inbound token's `aud` must contain one of them.
 	Audiences []string
 	// Algorithms is the required allow-list of JWS algorithms.
@@ -125,6 +137,10 @@ type TrustStore struct {
 	logger       *zap.Logger
 	sources      *keySources
 }
+
+// DefaultIDTokenClaims are the claims only ID tokens carry (OIDC Core §2,
+// §3.1.3.6, §3.3.2.11): a token with one of them is an ID token.
+var DefaultIDTokenClaims = []string{"at_hash", "c_hash", "nonce"}
 
 type trustedIssuer struct {
 	cfg        IssuerConfig
@@ -184,8 +200,15 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q is configured twice", ic.Issuer)
 		}
+		var disc *DiscoveryConfig
+		if ic.Discovery {
+			disc = &DiscoveryConfig{Issuer: ic.Issuer}
+			if ic.DiscoveryURL != "" {
+				disc.URLs = []string{ic.DiscoveryURL}
+			}
+		}
 		keys, err := ts.sources.user(keyUserConfig{
-			url: ic.JWKSURL, file: ic.JWKSFile, name: ic.Issuer, field: zap.String("issuer", ic.Issuer),
+			url: ic.JWKSURL, file: ic.JWKSFile, discovery: disc, name: ic.Issuer, field: zap.String("issuer", ic.Issuer),
 			maxStale: ic.JWKSMaxStale, refetchInterval: ic.RefetchInterval,
 			logger: ts.logger, onFetch: cfg.OnFetch,
 		})
@@ -202,15 +225,33 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 	if ic.Issuer == "" {
 		return errors.New("issuer must not be empty")
 	}
+	if ic.DiscoveryURL != "" {
+		ic.Discovery = true
+	}
+	n := 0
+	for _, set := range []bool{ic.JWKSURL != "", ic.JWKSFile != "", ic.Discovery} {
+		if set {
+			n++
+		}
+	}
 	switch {
-	case ic.JWKSURL == "" && ic.JWKSFile == "":
-		return errors.New("one of jwks_url or jwks_file is required")
-	case ic.JWKSURL != "" && ic.JWKSFile != "":
-		return errors.New("jwks_url and jwks_file are mutually exclusive")
+	case n != 1:
+		return errors.New("exactly one of jwks_url, jwks_file or discovery (discovery_url) is required")
 	case ic.JWKSURL != "":
 		if err := CheckJWKSURL(ic.JWKSURL); err != nil {
 			return err
 		}
+	case ic.Discovery:
+		dc := DiscoveryConfig{Issuer: ic.Issuer}
+		if ic.DiscoveryURL != "" {
+			dc.URLs = []string{ic.DiscoveryURL}
+		}
+		if err := CheckDiscovery(dc); err != nil {
+			return err
+		}
+	}
+	if ic.IDTokenClaims == nil {
+		ic.IDTokenClaims = DefaultIDTokenClaims
 	}
 	if len(ic.Audiences) == 0 {
 		return errors.New("at least one audience is required: tokens meant for another service must not pass")
