@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwk"
@@ -78,6 +79,11 @@ type IssuerConfig struct {
 	// DiscoveryURL is the metadata's location when it is not the standard
 	// one (implies Discovery; no fallback).
 	DiscoveryURL string
+	// OpaqueTokens sends every bearer that is not a compact JWS to this
+	// issuer's introspection endpoint (at most one issuer).
+	OpaqueTokens bool
+	// Introspection is how (RFC 7662) and with which credentials.
+	Introspection IntrospectionConfig
 	// IDTokenClaims are the claims that mark a token as an ID token, which
 	// is then refused unless presented as id_token. nil: DefaultIDTokenClaims;
 	// empty (non-nil): no detection.
@@ -125,6 +131,9 @@ type TrustConfig struct {
 	// stores and client registries (and across configuration reloads).
 	// Without it, the store shares one source per URL among its issuers.
 	KeySources KeySourcePool
+	// OnIntrospect, if set, is told of every introspection request and
+	// its result (active, inactive, error), for metrics.
+	OnIntrospect func(issuer, result string)
 }
 
 // TrustStore holds the trusted issuers and their keys, and verifies inbound
@@ -136,6 +145,8 @@ type TrustStore struct {
 	now          func() time.Time
 	logger       *zap.Logger
 	sources      *keySources
+	// opaque introspects opaque tokens (nil: none are accepted).
+	opaque *introspector
 }
 
 // DefaultIDTokenClaims are the claims only ID tokens carry (OIDC Core §2,
@@ -216,7 +227,16 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q: %w", ic.Issuer, err)
 		}
-		ts.issuers[ic.Issuer] = &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, keys: keys}
+		ti := &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, keys: keys}
+		ts.issuers[ic.Issuer] = ti
+		if ic.OpaqueTokens {
+			if ts.opaque != nil {
+				ts.Close()
+				return nil, fmt.Errorf("opaque_tokens is set on trusted issuers %q and %q: an opaque token cannot say which issuer it is from, so at most one may take them",
+					ts.opaque.ti.cfg.Issuer, ic.Issuer)
+			}
+			ts.opaque = newIntrospector(ts, ti, cfg.HTTPClient, cfg.OnIntrospect)
+		}
 	}
 	return ts, nil
 }
@@ -249,6 +269,9 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 		if err := CheckDiscovery(dc); err != nil {
 			return err
 		}
+	}
+	if err := validateIntrospection(ic); err != nil {
+		return err
 	}
 	if ic.IDTokenClaims == nil {
 		ic.IDTokenClaims = DefaultIDTokenClaims
@@ -326,6 +349,9 @@ func (ts *TrustStore) Issuers() []string {
 // thumbprint tp, and its keys are usable: a cached exchange is reused only
 // while the key that verified its subject remains, material and all.
 func (ts *TrustStore) hasKey(issuer, tp string) bool {
+	if h, ok := strings.CutPrefix(tp, introspectionMarker); ok {
+		return ts.opaque != nil && ts.opaque.ti.cfg.Issuer == issuer && ts.opaque.live(h)
+	}
 	ti, ok := ts.issuers[issuer]
 	return ok && ti.keys.hasThumbprint(tp)
 }

@@ -81,6 +81,9 @@ type Introspection struct {
 	Methods []string
 }
 
+// Mu guards Hints and Methods.
+func (in *Introspection) Mu() *sync.Mutex { return &in.mu }
+
 // IntrospectionURL is the RFC 7662 endpoint.
 func (ti *Issuer) IntrospectionURL() string { return ti.Server.URL + "/introspect" }
 
