@@ -224,13 +224,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("token_exchange: trusted issuer %q: %w", t.Issuer, err)
 		}
 		issuers = append(issuers, exchange.IssuerConfig{
-			Issuer:          t.Issuer,
-			JWKSURL:         t.JWKSURL,
-			JWKSFile:        t.JWKSFile,
-			Discovery:       t.Discovery,
-			DiscoveryURL:    t.DiscoveryURL,
-			IDTokenClaims:   idTokenClaims,
-			OpaqueTokens:    t.OpaqueTokens,
+			Issuer:        t.Issuer,
+			JWKSURL:       t.JWKSURL,
+			JWKSFile:      t.JWKSFile,
+			Discovery:     t.Discovery,
+			DiscoveryURL:  t.DiscoveryURL,
+			IDTokenClaims: idTokenClaims,
+			OpaqueTokens:  t.OpaqueTokens,
 			Introspection: exchange.IntrospectionConfig{
 				URL:              t.IntrospectionURL,
 				ClientID:         repl.ReplaceKnown(t.IntrospectionClientID, ""),
