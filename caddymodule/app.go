@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -115,6 +116,42 @@ type TrustedIssuer struct {
 	JWKSURL string `json:"jwks_url,omitempty"`
 	// JWKSFile is read once at provisioning.
 	JWKSFile string `json:"jwks_file,omitempty"`
+	// Discovery reads the issuer's OIDC Discovery document
+	// (<issuer>/.well-known/openid-configuration, falling back to RFC 8414
+	// /.well-known/oauth-authorization-server) and takes jwks_uri and
+	// introspection_endpoint from it; its issuer must equal Issuer exactly.
+	// Exactly one of JWKSURL, JWKSFile and Discovery/DiscoveryURL.
+	Discovery bool `json:"discovery,omitempty"`
+	// DiscoveryURL is a non-standard metadata location (implies Discovery).
+	DiscoveryURL string `json:"discovery_url,omitempty"`
+	// OpaqueTokens sends every bearer token that is not a compact JWS to
+	// this issuer's RFC 7662 introspection endpoint. At most one trusted
+	// issuer may set it.
+	OpaqueTokens bool `json:"opaque_tokens,omitempty"`
+	// IntrospectionURL is the RFC 7662 endpoint (default with discovery:
+	// the metadata's introspection_endpoint).
+	IntrospectionURL string `json:"introspection_url,omitempty"`
+	// IntrospectionClientID and IntrospectionClientSecret are the gateway's
+	// credentials at the issuer. Both accept {env.*} and {file.*}
+	// placeholders, resolved at provision: keep the secret out of the config.
+	IntrospectionClientID     string `json:"introspection_client_id,omitempty"`
+	IntrospectionClientSecret string `json:"introspection_client_secret,omitempty"`
+	// IntrospectionAuth is client_secret_basic (default) or client_secret_post.
+	IntrospectionAuth string `json:"introspection_auth,omitempty"`
+	// IntrospectionCache bounds how long an active result is reused
+	// (default 1m; never past the token's exp).
+	IntrospectionCache caddy.Duration `json:"introspection_cache,omitempty"`
+	// IntrospectionNegativeCache is how long an inactive or refused result
+	// is reused (default 5s).
+	IntrospectionNegativeCache caddy.Duration `json:"introspection_negative_cache,omitempty"`
+	// IntrospectionTimeout bounds one introspection call (default 3s).
+	IntrospectionTimeout caddy.Duration `json:"introspection_timeout,omitempty"`
+	// IntrospectionConcurrency bounds the calls in flight (default 16).
+	IntrospectionConcurrency int `json:"introspection_concurrency,omitempty"`
+	// IDTokenClaims are the claims that mark a token as an ID token, refused
+	// unless presented as one. Default: at_hash c_hash nonce. ["none"]
+	// turns detection off (refresh tokens are refused all the same).
+	IDTokenClaims []string `json:"id_token_claims,omitempty"`
 	// Audiences: an inbound `aud` must contain one of them. Required.
 	Audiences []string `json:"audiences,omitempty"`
 	// Algorithms is the JWS allow-list. Required; none and HMAC are refused.
@@ -186,11 +223,30 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 
 	issuers := make([]exchange.IssuerConfig, 0, len(a.Trust))
+	repl := caddy.NewReplacer()
 	for _, t := range a.Trust {
+		idTokenClaims, err := idTokenClaimsConfig(t.IDTokenClaims)
+		if err != nil {
+			return fmt.Errorf("token_exchange: trusted issuer %q: %w", t.Issuer, err)
+		}
 		issuers = append(issuers, exchange.IssuerConfig{
-			Issuer:          t.Issuer,
-			JWKSURL:         t.JWKSURL,
-			JWKSFile:        t.JWKSFile,
+			Issuer:        t.Issuer,
+			JWKSURL:       t.JWKSURL,
+			JWKSFile:      t.JWKSFile,
+			Discovery:     t.Discovery,
+			DiscoveryURL:  t.DiscoveryURL,
+			IDTokenClaims: idTokenClaims,
+			OpaqueTokens:  t.OpaqueTokens,
+			Introspection: exchange.IntrospectionConfig{
+				URL:              t.IntrospectionURL,
+				ClientID:         repl.ReplaceKnown(t.IntrospectionClientID, ""),
+				ClientSecret:     repl.ReplaceKnown(t.IntrospectionClientSecret, ""),
+				AuthMethod:       t.IntrospectionAuth,
+				CacheTTL:         time.Duration(t.IntrospectionCache),
+				NegativeCacheTTL: time.Duration(t.IntrospectionNegativeCache),
+				Timeout:          time.Duration(t.IntrospectionTimeout),
+				MaxConcurrent:    t.IntrospectionConcurrency,
+			},
 			Audiences:       t.Audiences,
 			Algorithms:      t.Algorithms,
 			TokenTypes:      t.TokenTypes,
@@ -217,6 +273,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Logger:       a.logger,
 		OnFetch:      onFetch,
 		KeySources:   jwksSources{},
+		OnIntrospect: func(issuer, result string) {
+			metrics.introspections.WithLabelValues(issuer, result).Inc()
+		},
 	})
 	if err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
@@ -314,6 +373,23 @@ func (a *App) Start() error {
 		zap.String("kid", signer.KeyID()),
 		zap.Strings("trusted_issuers", a.trust.Issuers()))
 	return nil
+}
+
+// idTokenClaimsConfig maps id_token_claims to exchange.IssuerConfig: nil
+// is the default, ["none"] no detection.
+func idTokenClaimsConfig(v []string) ([]string, error) {
+	if slices.Contains(v, "none") {
+		if len(v) != 1 {
+			return nil, errors.New("id_token_claims none cannot be combined with claim names")
+		}
+		return []string{}, nil
+	}
+	for _, c := range v {
+		if c == "" {
+			return nil, errors.New("id_token_claims holds an empty claim name")
+		}
+	}
+	return v, nil
 }
 
 // Stop implements caddy.App.

@@ -47,12 +47,22 @@ func init() {
 //	    jwks_uri <url>
 //	    scopes_supported <scope...>
 //	    trust <issuer> {
-//	        jwks_url <url> | jwks_file <path>
+//	        jwks_url <url> | jwks_file <path> | discovery | discovery_url <url>
 //	        audience <aud...>
 //	        algorithms <alg...>
 //	        token_types <type...>
 //	        client_ids <client_id...>
 //	        typ <typ>
+//	        id_token_claims <claim...>|none
+//	        opaque_tokens
+//	        introspection_url <url>
+//	        introspection_client_id <id>
+//	        introspection_client_secret <secret>   ({env.*}, {file.*})
+//	        introspection_auth client_secret_basic|client_secret_post
+//	        introspection_cache <duration>
+//	        introspection_negative_cache <duration>
+//	        introspection_timeout <duration>
+//	        introspection_concurrency <n>
 //	        scope_claim scope|scp
 //	        map_scope <external> <internal...>
 //	        pass_unmapped_scopes
@@ -142,6 +152,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := t.unmarshalCaddyfile(d); err != nil {
 				return err
 			}
+			if t.OpaqueTokens {
+				for _, o := range a.Trust {
+					if o.OpaqueTokens {
+						return d.Errf("trust %s: opaque_tokens is already set on trust %s: an opaque token cannot say which issuer it is from, so at most one trust block may take them", t.Issuer, o.Issuer)
+					}
+				}
+			}
 			a.Trust = append(a.Trust, t)
 		case "client":
 			var c Client
@@ -177,6 +194,43 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &t.JWKSURL)
 		case "jwks_file":
 			err = oneArg(d, &t.JWKSFile)
+		case "discovery":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			t.Discovery = true
+		case "discovery_url":
+			err = oneArg(d, &t.DiscoveryURL)
+		case "id_token_claims":
+			if err = appendArgs(d, &t.IDTokenClaims); err == nil {
+				if _, cerr := idTokenClaimsConfig(t.IDTokenClaims); cerr != nil {
+					return d.Errf("trust %s: %v", t.Issuer, cerr)
+				}
+			}
+		case "opaque_tokens":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			t.OpaqueTokens = true
+		case "introspection_url":
+			err = oneArg(d, &t.IntrospectionURL)
+		case "introspection_client_id":
+			err = oneArg(d, &t.IntrospectionClientID)
+		case "introspection_client_secret":
+			err = oneArg(d, &t.IntrospectionClientSecret)
+		case "introspection_auth":
+			if err = oneArg(d, &t.IntrospectionAuth); err == nil &&
+				t.IntrospectionAuth != "client_secret_basic" && t.IntrospectionAuth != "client_secret_post" {
+				return d.Errf("trust %s: introspection_auth must be client_secret_basic or client_secret_post", t.Issuer)
+			}
+		case "introspection_cache":
+			err = durationArg(d, &t.IntrospectionCache)
+		case "introspection_negative_cache":
+			err = durationArg(d, &t.IntrospectionNegativeCache)
+		case "introspection_timeout":
+			err = durationArg(d, &t.IntrospectionTimeout)
+		case "introspection_concurrency":
+			err = intArg(d, &t.IntrospectionConcurrency)
 		case "audience":
 			err = appendArgs(d, &t.Audiences)
 		case "algorithms":
@@ -234,8 +288,23 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if len(t.Audiences) == 0 {
 		return d.Errf("trust %s: audience is required", t.Issuer)
 	}
-	if (t.JWKSURL == "") == (t.JWKSFile == "") {
-		return d.Errf("trust %s: exactly one of jwks_url or jwks_file is required", t.Issuer)
+	n := 0
+	for _, set := range []bool{t.JWKSURL != "", t.JWKSFile != "", t.Discovery || t.DiscoveryURL != ""} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return d.Errf("trust %s: exactly one of jwks_url, jwks_file or discovery (discovery_url) is required", t.Issuer)
+	}
+	introspection := t.IntrospectionURL != "" || t.IntrospectionClientID != "" || t.IntrospectionClientSecret != "" || t.IntrospectionAuth != ""
+	switch {
+	case introspection && !t.OpaqueTokens:
+		return d.Errf("trust %s: introspection settings need opaque_tokens", t.Issuer)
+	case t.OpaqueTokens && t.IntrospectionURL == "" && !t.Discovery && t.DiscoveryURL == "":
+		return d.Errf("trust %s: opaque_tokens needs introspection_url or discovery", t.Issuer)
+	case t.OpaqueTokens && (t.IntrospectionClientID == "" || t.IntrospectionClientSecret == ""):
+		return d.Errf("trust %s: opaque_tokens needs introspection_client_id and introspection_client_secret", t.Issuer)
 	}
 	return nil
 }

@@ -19,6 +19,8 @@ var metrics = struct {
 	cache       *prometheus.CounterVec
 	jwksFetches *prometheus.CounterVec
 	endpoint    *prometheus.CounterVec
+	// introspections counts RFC 7662 calls to an issuer.
+	introspections *prometheus.CounterVec
 }{}
 
 // Outcomes of an exchange, as counted.
@@ -54,8 +56,12 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "endpoint_requests_total",
 			Help: "RFC 8693 token endpoint requests by outcome (ok or the OAuth error code).",
 		}, []string{"outcome"})
+		metrics.introspections = prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "introspections_total",
+			Help: "RFC 7662 introspection requests to a trusted issuer, by issuer and result (active, inactive, error); cache hits are not counted.",
+		}, []string{"issuer", "result"})
 	})
-	for _, c := range []prometheus.Collector{metrics.exchanges, metrics.duration, metrics.cache, metrics.jwksFetches, metrics.endpoint} {
+	for _, c := range []prometheus.Collector{metrics.exchanges, metrics.duration, metrics.cache, metrics.jwksFetches, metrics.endpoint, metrics.introspections} {
 		if err := registry.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -44,7 +45,12 @@ var errNoUsableKey = errors.New("the JWKS holds no usable public signing key (RS
 // Reading the current keys is one atomic load. A KeySource lives until
 // Close; share one per URL through a KeySourcePool.
 type KeySource struct {
-	url        string
+	url string
+	// discovery, when set, makes every fetch read the issuer's metadata
+	// first and take the JWKS from its jwks_uri.
+	discovery *discoveryConfig
+	// meta is the last metadata document that passed the checks.
+	meta       atomic.Pointer[ProviderMetadata]
 	client     *http.Client
 	timeout    time.Duration
 	now        func() time.Time
@@ -86,6 +92,9 @@ type keyFetch struct {
 // KeySourceConfig configures a KeySource for a URL.
 type KeySourceConfig struct {
 	URL string
+	// Discovery, when set instead of URL, names the issuer whose metadata
+	// (OIDC Discovery / RFC 8414) gives the JWKS URL on every fetch.
+	Discovery *DiscoveryConfig
 	// FetchTimeout bounds one fetch (default DefaultFetchTimeout).
 	FetchTimeout time.Duration
 	// HTTPClient fetches the set (default: a plain client; FetchTimeout
@@ -98,6 +107,9 @@ type KeySourceConfig struct {
 // keySourceKey names a URL source in a KeySourcePool: the URL and the fetch
 // settings, so a changed fetch timeout gets a source of its own.
 func keySourceKey(cfg KeySourceConfig) string {
+	if d := cfg.Discovery; d != nil {
+		return fmt.Sprintf("%s discovery %s %s", cfg.FetchTimeout, d.Issuer, strings.Join(d.URLs, " "))
+	}
 	return fmt.Sprintf("%s %s", cfg.FetchTimeout, cfg.URL)
 }
 
@@ -173,10 +185,18 @@ func CheckJWKSURL(u string) error {
 // NewKeySource validates cfg and starts fetching the set in the background;
 // it does not wait for the first fetch. Stop it with Close.
 func NewKeySource(cfg KeySourceConfig) (*KeySource, error) {
-	if err := CheckJWKSURL(cfg.URL); err != nil {
+	var disc *discoveryConfig
+	if cfg.Discovery != nil {
+		d, err := newDiscoveryConfig(*cfg.Discovery)
+		if err != nil {
+			return nil, err
+		}
+		disc = d
+	} else if err := CheckJWKSURL(cfg.URL); err != nil {
 		return nil, err
 	}
 	s := &KeySource{
+		discovery:  disc,
 		url:        cfg.URL,
 		client:     cfg.HTTPClient,
 		timeout:    cfg.FetchTimeout,
@@ -233,8 +253,20 @@ func (s *KeySource) Close() error {
 	return nil
 }
 
-// URL is the source's jwks_url ("" for a file).
-func (s *KeySource) URL() string { return s.url }
+// URL is the source's jwks_url ("" for a file, or before discovery found one).
+func (s *KeySource) URL() string { return s.currentJWKSURL() }
+
+// currentJWKSURL is the configured jwks_url, or the jwks_uri of the last
+// good metadata document.
+func (s *KeySource) currentJWKSURL() string {
+	if s.discovery != nil {
+		if md := s.meta.Load(); md != nil {
+			return md.JWKSURI
+		}
+		return ""
+	}
+	return s.url
+}
 
 // run refreshes the set in the background until Close, starting with the
 // fetch f in flight.
@@ -316,12 +348,24 @@ func (s *KeySource) fetch(ctx context.Context) (attempted bool, next time.Durati
 	stop := context.AfterFunc(s.ctx, cancel)
 	defer stop()
 
-	set, maxAge, err := s.get(ctx)
+	jwksURL := s.url
+	var err error
+	if s.discovery != nil {
+		var md *ProviderMetadata
+		if md, err = s.discover(ctx); err == nil {
+			jwksURL = md.JWKSURI
+		}
+	}
+	var maxAge time.Duration
 	var idx *keyIndex
 	if err == nil {
-		if idx = indexKeySet(set); len(idx.keys) == 0 {
-			err = errNoUsableKey
+		var set jwk.Set
+		if set, maxAge, err = s.get(ctx, jwksURL); err == nil {
+			if idx = indexKeySet(set); len(idx.keys) == 0 {
+				err = errNoUsableKey
+			}
 		}
+		s.count(err)
 	}
 	now := s.now()
 	if err != nil {
@@ -353,8 +397,8 @@ func (s *KeySource) fetch(ctx context.Context) (attempted bool, next time.Durati
 
 // get fetches and parses the set (at most DefaultMaxJWKSBodySize bytes) and
 // returns it with the max-age of its Cache-Control.
-func (s *KeySource) get(ctx context.Context) (jwk.Set, time.Duration, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.url, nil)
+func (s *KeySource) get(ctx context.Context, jwksURL string) (jwk.Set, time.Duration, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, jwksURL, nil)
 	if err != nil {
 		return nil, 0, err
 	}
@@ -399,13 +443,13 @@ func (s *KeySource) report(st *keyState, err error) {
 	}
 	s.mu.Unlock()
 	for _, u := range users {
-		if u.onFetch != nil {
-			u.onFetch(u.name, err)
-		}
 		if err == nil {
 			continue
 		}
-		fields := []zap.Field{u.field, zap.String("jwks_url", s.url), zap.Error(err)}
+		fields := []zap.Field{u.field, zap.String("jwks_url", s.currentJWKSURL()), zap.Error(err)}
+		if s.discovery != nil {
+			fields = append(fields, zap.Strings("discovery_urls", s.discovery.urls))
+		}
 		if st.idx == nil {
 			u.logger.Error("JWKS fetch failed and no good keys are known: tokens are refused until they arrive", fields...)
 			continue
@@ -413,6 +457,22 @@ func (s *KeySource) report(st *keyState, err error) {
 		until := st.goodAt.Add(u.maxStale)
 		u.logger.Warn("JWKS fetch failed; keeping the last good keys for at most jwks_max_stale",
 			append(fields, zap.Time("last_good_fetch", st.goodAt), zap.Time("keys_dropped_at", until))...)
+	}
+}
+
+// count tells every user's metrics of one HTTP request the source made (a
+// JWKS or a metadata fetch) and how it went.
+func (s *KeySource) count(err error) {
+	s.mu.Lock()
+	users := make([]*keyUser, 0, len(s.users))
+	for u := range s.users {
+		users = append(users, u)
+	}
+	s.mu.Unlock()
+	for _, u := range users {
+		if u.onFetch != nil {
+			u.onFetch(u.name, err)
+		}
 	}
 }
 
@@ -465,7 +525,7 @@ func (u *keyUser) current() *keyIndex {
 	if !st.faultAt.IsZero() && u.src.now().Sub(st.goodAt) > u.maxStale {
 		if good := st.goodAt.UnixNano(); u.droppedLogged.Swap(good) != good {
 			u.logger.Error("JWKS unavailable past jwks_max_stale: the last good keys are dropped and tokens refused",
-				u.field, zap.String("jwks_url", u.src.url), zap.Time("last_good_fetch", st.goodAt),
+				u.field, zap.String("jwks_url", u.src.currentJWKSURL()), zap.Time("last_good_fetch", st.goodAt),
 				zap.Duration("jwks_max_stale", u.maxStale), zap.NamedError("last_error", st.err))
 		}
 		return nil
@@ -479,7 +539,7 @@ func (u *keyUser) keyFor(ctx context.Context, kid, alg string) (verifyKey, keySt
 	if k, ok := u.current().find(kid, alg); ok {
 		return k, keyFound
 	}
-	if u.src.url != "" {
+	if u.src.url != "" || u.src.discovery != nil {
 		u.refetch(ctx)
 	}
 	idx := u.current()
@@ -553,6 +613,7 @@ type keySources struct {
 
 type keyUserConfig struct {
 	url, file       string
+	discovery       *DiscoveryConfig
 	name            string
 	field           zap.Field
 	maxStale        time.Duration
@@ -593,17 +654,24 @@ func (ks *keySources) user(cfg keyUserConfig) (*keyUser, error) {
 		u.src = src
 		return u, nil
 	}
-	if err := CheckJWKSURL(cfg.url); err != nil {
-		return nil, err
-	}
 	sc := ks.base
-	sc.URL = cfg.url
+	if cfg.discovery != nil {
+		sc.Discovery = cfg.discovery
+	} else {
+		if err := CheckJWKSURL(cfg.url); err != nil {
+			return nil, err
+		}
+		sc.URL = cfg.url
+	}
 	if sc.FetchTimeout <= 0 {
 		sc.FetchTimeout = DefaultFetchTimeout
 	}
 	key := keySourceKey(sc)
 	src, err := ks.pool.Acquire(key, func() (*KeySource, error) { return NewKeySource(sc) })
 	if err != nil {
+		if cfg.discovery != nil {
+			return nil, fmt.Errorf("discovery: %w", err)
+		}
 		return nil, fmt.Errorf("jwks_url: %w", err)
 	}
 	u.src = src

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwk"
@@ -67,9 +68,26 @@ func equalFoldASCII(a, b string) bool {
 type IssuerConfig struct {
 	// Issuer is the exact `iss` its tokens carry.
 	Issuer string
-	// JWKSURL or JWKSFile: where its public keys come from (exactly one).
+	// JWKSURL, JWKSFile or Discovery/DiscoveryURL: where its public keys
+	// come from (exactly one).
 	JWKSURL  string
 	JWKSFile string
+	// Discovery reads the issuer's metadata (OIDC Discovery at
+	// <issuer>/.well-known/openid-configuration, else RFC 8414) and takes
+	// its jwks_uri (and introspection_endpoint) from there, on every refresh.
+	Discovery bool
+	// DiscoveryURL is the metadata's location when it is not the standard
+	// one (implies Discovery; no fallback).
+	DiscoveryURL string
+	// OpaqueTokens sends every bearer that is not a compact JWS to this
+	// issuer's introspection endpoint (at most one issuer).
+	OpaqueTokens bool
+	// Introspection is how (RFC 7662) and with which credentials.
+	Introspection IntrospectionConfig
+	// IDTokenClaims are the claims that mark a token as an ID token, which
+	// is then refused unless presented as id_token. nil: DefaultIDTokenClaims;
+	// empty (non-nil): no detection.
+	IDTokenClaims []string
 	// Audiences: an inbound token's `aud` must contain one of them.
 	Audiences []string
 	// Algorithms is the required allow-list of JWS algorithms.
@@ -113,6 +131,9 @@ type TrustConfig struct {
 	// stores and client registries (and across configuration reloads).
 	// Without it, the store shares one source per URL among its issuers.
 	KeySources KeySourcePool
+	// OnIntrospect, if set, is told of every introspection request and
+	// its result (active, inactive, error), for metrics.
+	OnIntrospect func(issuer, result string)
 }
 
 // TrustStore holds the trusted issuers and their keys, and verifies inbound
@@ -124,7 +145,13 @@ type TrustStore struct {
 	now          func() time.Time
 	logger       *zap.Logger
 	sources      *keySources
+	// opaque introspects opaque tokens (nil: none are accepted).
+	opaque *introspector
 }
+
+// DefaultIDTokenClaims are the claims only ID tokens carry (OIDC Core §2,
+// §3.1.3.6, §3.3.2.11): a token with one of them is an ID token.
+var DefaultIDTokenClaims = []string{"at_hash", "c_hash", "nonce"}
 
 type trustedIssuer struct {
 	cfg        IssuerConfig
@@ -184,8 +211,15 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q is configured twice", ic.Issuer)
 		}
+		var disc *DiscoveryConfig
+		if ic.Discovery {
+			disc = &DiscoveryConfig{Issuer: ic.Issuer}
+			if ic.DiscoveryURL != "" {
+				disc.URLs = []string{ic.DiscoveryURL}
+			}
+		}
 		keys, err := ts.sources.user(keyUserConfig{
-			url: ic.JWKSURL, file: ic.JWKSFile, name: ic.Issuer, field: zap.String("issuer", ic.Issuer),
+			url: ic.JWKSURL, file: ic.JWKSFile, discovery: disc, name: ic.Issuer, field: zap.String("issuer", ic.Issuer),
 			maxStale: ic.JWKSMaxStale, refetchInterval: ic.RefetchInterval,
 			logger: ts.logger, onFetch: cfg.OnFetch,
 		})
@@ -193,7 +227,16 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q: %w", ic.Issuer, err)
 		}
-		ts.issuers[ic.Issuer] = &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, keys: keys}
+		ti := &trustedIssuer{cfg: ic, tokenTypes: ic.TokenTypes, scopeClaim: ic.ScopeClaim, keys: keys}
+		ts.issuers[ic.Issuer] = ti
+		if ic.OpaqueTokens {
+			if ts.opaque != nil {
+				ts.Close()
+				return nil, fmt.Errorf("opaque_tokens is set on trusted issuers %q and %q: an opaque token cannot say which issuer it is from, so at most one may take them",
+					ts.opaque.ti.cfg.Issuer, ic.Issuer)
+			}
+			ts.opaque = newIntrospector(ts, ti, cfg.HTTPClient, cfg.OnIntrospect)
+		}
 	}
 	return ts, nil
 }
@@ -202,15 +245,36 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 	if ic.Issuer == "" {
 		return errors.New("issuer must not be empty")
 	}
+	if ic.DiscoveryURL != "" {
+		ic.Discovery = true
+	}
+	n := 0
+	for _, set := range []bool{ic.JWKSURL != "", ic.JWKSFile != "", ic.Discovery} {
+		if set {
+			n++
+		}
+	}
 	switch {
-	case ic.JWKSURL == "" && ic.JWKSFile == "":
-		return errors.New("one of jwks_url or jwks_file is required")
-	case ic.JWKSURL != "" && ic.JWKSFile != "":
-		return errors.New("jwks_url and jwks_file are mutually exclusive")
+	case n != 1:
+		return errors.New("exactly one of jwks_url, jwks_file or discovery (discovery_url) is required")
 	case ic.JWKSURL != "":
 		if err := CheckJWKSURL(ic.JWKSURL); err != nil {
 			return err
 		}
+	case ic.Discovery:
+		dc := DiscoveryConfig{Issuer: ic.Issuer}
+		if ic.DiscoveryURL != "" {
+			dc.URLs = []string{ic.DiscoveryURL}
+		}
+		if err := CheckDiscovery(dc); err != nil {
+			return err
+		}
+	}
+	if err := validateIntrospection(ic); err != nil {
+		return err
+	}
+	if ic.IDTokenClaims == nil {
+		ic.IDTokenClaims = DefaultIDTokenClaims
 	}
 	if len(ic.Audiences) == 0 {
 		return errors.New("at least one audience is required: tokens meant for another service must not pass")
@@ -285,6 +349,9 @@ func (ts *TrustStore) Issuers() []string {
 // thumbprint tp, and its keys are usable: a cached exchange is reused only
 // while the key that verified its subject remains, material and all.
 func (ts *TrustStore) hasKey(issuer, tp string) bool {
+	if h, ok := strings.CutPrefix(tp, introspectionMarker); ok {
+		return ts.opaque != nil && ts.opaque.ti.cfg.Issuer == issuer && ts.opaque.live(h)
+	}
 	ti, ok := ts.issuers[issuer]
 	return ok && ti.keys.hasThumbprint(tp)
 }

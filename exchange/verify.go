@@ -102,6 +102,10 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	case errors.Is(err, errJWE):
 		return nil, invalidToken("malformed", "encrypted tokens (JWE) are not accepted")
 	case errors.Is(err, errNotCompact):
+		if ts.opaque != nil {
+			// Not a JWS: an opaque token, for the issuer that takes them.
+			return ts.opaque.verify(ctx, raw, opts)
+		}
 		return nil, invalidToken("malformed", "token is not a compact JWS (header.payload.signature)")
 	case errors.Is(err, errEmptySegment):
 		return nil, invalidToken("malformed", "token has an empty segment")
@@ -153,7 +157,7 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if ti.cfg.RequiredTyp != "" && !typMatches(hdr.Typ, ti.cfg.RequiredTyp) {
 		return nil, invalidToken("token_type", "token typ header is not %s", ti.cfg.RequiredTyp)
 	}
-	if err := checkTokenKind(claims, opts.TokenType); err != nil {
+	if err := checkTokenKind(claims, opts.TokenType, ti.cfg.IDTokenClaims); err != nil {
 		return nil, err
 	}
 	now := ts.now()
@@ -266,17 +270,17 @@ func typMatches(typ, want string) bool {
 }
 
 // checkTokenKind refuses tokens whose own claims say they are not what they
-// are presented as: a refresh token is never accepted, and an ID token
-// (at_hash, c_hash or nonce: claims only ID tokens carry) is accepted only
-// where it is presented as an id_token.
-func checkTokenKind(claims map[string]any, presentedAs string) *Error {
+// are presented as: a refresh token is never accepted, and an ID token (one
+// of idTokenClaims: by default at_hash, c_hash or nonce, claims only ID
+// tokens carry) is accepted only where it is presented as an id_token.
+func checkTokenKind(claims map[string]any, presentedAs string, idTokenClaims []string) *Error {
 	for _, name := range []string{"typ", "token_use", "token_type"} {
 		if v, ok := claims[name].(string); ok && strings.Contains(strings.ToLower(v), "refresh") {
 			return invalidToken("token_type", "refresh tokens are not accepted")
 		}
 	}
 	if presentedAs != "id_token" {
-		for _, name := range []string{"at_hash", "c_hash", "nonce"} {
+		for _, name := range idTokenClaims {
 			if _, ok := claims[name]; ok {
 				return invalidToken("token_type", "an ID token is not an access token")
 			}

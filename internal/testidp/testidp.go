@@ -11,8 +11,11 @@ import (
 	"crypto/rsa"
 	"encoding/base64"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -25,7 +28,8 @@ import (
 )
 
 // Issuer is a real identity provider for tests: real keys, a real JWKS
-// served over HTTP, real signatures.
+// served over HTTP, real signatures; an OIDC Discovery / RFC 8414 metadata
+// document and an RFC 7662 introspection endpoint for opaque tokens.
 type Issuer struct {
 	// Audience is the default aud of tokens it mints.
 	Audience string
@@ -35,7 +39,179 @@ type Issuer struct {
 	keys     map[string]testKey // kid -> key
 	public   []string           // kids published in the JWKS
 	Server   *httptest.Server
-	Fetches  atomic.Int64
+	// Fetches counts JWKS fetches.
+	Fetches atomic.Int64
+
+	// MetadataFetches counts requests for either metadata document.
+	MetadataFetches atomic.Int64
+	// Down makes every endpoint answer 503.
+	Down atomic.Bool
+	// NoOIDCDiscovery makes /.well-known/openid-configuration answer 404
+	// (a plain OAuth server with only RFC 8414 metadata).
+	NoOIDCDiscovery atomic.Bool
+	// DocIssuer, if set, is the issuer the metadata claims (a mismatch).
+	DocIssuer atomic.Pointer[string]
+
+	// Introspection is the RFC 7662 endpoint's behaviour.
+	Introspection Introspection
+	opaque        map[string]Claims
+}
+
+// IntrospectionMode is how the introspection endpoint answers.
+type IntrospectionMode int32
+
+const (
+	IntrospectOK      IntrospectionMode = iota
+	IntrospectDown                      // 503
+	IntrospectSlow                      // correct, after Delay
+	IntrospectGarbage                   // 200 with a body that is not JSON
+)
+
+// Introspection is the introspection endpoint's state.
+type Introspection struct {
+	// ClientID and ClientSecret are the credentials it requires (Basic or form).
+	ClientID, ClientSecret string
+	Mode                   atomic.Int32
+	Delay                  time.Duration
+	// Calls counts requests; Hints records token_type_hint values; Methods
+	// records the client authentication used ("basic" or "post").
+	Calls   atomic.Int64
+	mu      sync.Mutex
+	Hints   []string
+	Methods []string
+}
+
+// Mu guards Hints and Methods.
+func (in *Introspection) Mu() *sync.Mutex { return &in.mu }
+
+// IntrospectionURL is the RFC 7662 endpoint.
+func (ti *Issuer) IntrospectionURL() string { return ti.Server.URL + "/introspect" }
+
+// Opaque registers an opaque access token whose introspection answers
+// active with claims (iss, sub, aud, exp, iat, client_id, scope defaults;
+// a nil value removes a claim) and returns it.
+func (ti *Issuer) Opaque(c Claims) string {
+	b := make([]byte, 24)
+	_, _ = rand.Read(b)
+	tok := "opq_" + base64.RawURLEncoding.EncodeToString(b)
+	now := time.Now()
+	full := Claims{"active": true, "iss": ti.Iss, "sub": "alice", "aud": ti.Audience, "client_id": "web-app",
+		"exp": now.Add(10 * time.Minute).Unix(), "iat": now.Unix(), "token_type": "Bearer"}
+	for name, v := range c {
+		if v == nil {
+			delete(full, name)
+			continue
+		}
+		full[name] = v
+	}
+	ti.mu.Lock()
+	ti.opaque[tok] = full
+	ti.mu.Unlock()
+	return tok
+}
+
+// Revoke makes an opaque token inactive.
+func (ti *Issuer) Revoke(tok string) {
+	ti.mu.Lock()
+	delete(ti.opaque, tok)
+	ti.mu.Unlock()
+}
+
+// Metadata is the discovery document.
+func (ti *Issuer) Metadata() []byte {
+	iss := ti.Iss
+	if p := ti.DocIssuer.Load(); p != nil {
+		iss = *p
+	}
+	b, _ := json.Marshal(map[string]any{
+		"issuer":                 iss,
+		"jwks_uri":               ti.JWKSURL(),
+		"introspection_endpoint": ti.IntrospectionURL(),
+		"introspection_endpoint_auth_methods_supported": []string{"client_secret_basic", "client_secret_post"},
+		"token_endpoint":                        ti.Server.URL + "/token",
+		"response_types_supported":              []string{"code"},
+		"subject_types_supported":               []string{"public"},
+		"id_token_signing_alg_values_supported": []string{"RS256", "ES256"},
+	})
+	return b
+}
+
+func (ti *Issuer) serve(w http.ResponseWriter, r *http.Request) {
+	if ti.Down.Load() {
+		http.Error(w, "down", http.StatusServiceUnavailable)
+		return
+	}
+	switch {
+	case r.URL.Path == "/.well-known/openid-configuration" || strings.HasSuffix(r.URL.Path, "/.well-known/openid-configuration"):
+		ti.MetadataFetches.Add(1)
+		if ti.NoOIDCDiscovery.Load() {
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(ti.Metadata())
+	case strings.HasPrefix(r.URL.Path, "/.well-known/oauth-authorization-server"):
+		ti.MetadataFetches.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(ti.Metadata())
+	case r.URL.Path == "/introspect":
+		ti.introspect(w, r)
+	default:
+		ti.Fetches.Add(1)
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(ti.JWKS())
+	}
+}
+
+func (ti *Issuer) introspect(w http.ResponseWriter, r *http.Request) {
+	in := &ti.Introspection
+	in.Calls.Add(1)
+	switch IntrospectionMode(in.Mode.Load()) {
+	case IntrospectDown:
+		http.Error(w, "down", http.StatusServiceUnavailable)
+		return
+	case IntrospectSlow:
+		select {
+		case <-time.After(in.Delay):
+		case <-r.Context().Done():
+			return
+		}
+	case IntrospectGarbage:
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, "<html>502 Bad Gateway</html>")
+		return
+	}
+	if r.Method != http.MethodPost || r.ParseForm() != nil {
+		http.Error(w, "bad request", http.StatusBadRequest)
+		return
+	}
+	method := "post"
+	id, secret, basic := r.BasicAuth()
+	if basic {
+		method = "basic"
+		id, _ = url.QueryUnescape(id)
+		secret, _ = url.QueryUnescape(secret)
+	} else {
+		id, secret = r.PostForm.Get("client_id"), r.PostForm.Get("client_secret")
+	}
+	in.mu.Lock()
+	in.Hints = append(in.Hints, r.PostForm.Get("token_type_hint"))
+	in.Methods = append(in.Methods, method)
+	in.mu.Unlock()
+	if in.ClientID == "" || id != in.ClientID || secret != in.ClientSecret {
+		w.Header().Set("WWW-Authenticate", `Basic realm="idp"`)
+		http.Error(w, `{"error":"invalid_client"}`, http.StatusUnauthorized)
+		return
+	}
+	ti.mu.Lock()
+	claims, ok := ti.opaque[r.PostForm.Get("token")]
+	ti.mu.Unlock()
+	w.Header().Set("Content-Type", "application/json")
+	if !ok {
+		_, _ = io.WriteString(w, `{"active":false}`)
+		return
+	}
+	_ = json.NewEncoder(w).Encode(claims)
 }
 
 type testKey struct {
@@ -43,15 +219,16 @@ type testKey struct {
 	priv crypto.Signer
 }
 
-// New starts an identity provider for iss whose JWKS is served over HTTP.
+// New starts an identity provider for iss whose JWKS, metadata and
+// introspection endpoint are served over HTTP. An empty iss is the
+// server's own URL (so that discovery from the issuer works).
 func New(t testing.TB, iss string) *Issuer {
 	t.Helper()
-	ti := &Issuer{t: t, Iss: iss, Audience: "https://gateway.test", keys: map[string]testKey{}}
-	ti.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ti.Fetches.Add(1)
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(ti.JWKS())
-	}))
+	ti := &Issuer{t: t, Iss: iss, Audience: "https://gateway.test", keys: map[string]testKey{}, opaque: map[string]Claims{}}
+	ti.Server = httptest.NewServer(http.HandlerFunc(ti.serve))
+	if iss == "" {
+		ti.Iss = ti.Server.URL
+	}
 	t.Cleanup(ti.Server.Close)
 	return ti
 }
