@@ -34,6 +34,11 @@ const DefaultMaxRequestBody = 64 << 10
 type EndpointHandler struct {
 	// MaxRequestBody caps the request body in bytes (default 65536).
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
+	// DPoP configures DPoP proofs to the token endpoint (default: accepted,
+	// optional, default algorithms, no nonce).
+	DPoP *DPoPOptions `json:"dpop,omitempty"`
+
+	tokenEndpointURLs []*url.URL
 
 	app    *App
 	logger *zap.Logger
@@ -57,6 +62,9 @@ func (h *EndpointHandler) Provision(ctx caddy.Context) error {
 	h.app = app
 	if h.MaxRequestBody <= 0 {
 		h.MaxRequestBody = DefaultMaxRequestBody
+	}
+	if err := h.provisionEndpointDPoP(); err != nil {
+		return fmt.Errorf("token_exchange_endpoint: %w", err)
 	}
 	return nil
 }
@@ -122,6 +130,10 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 	if perr != nil {
 		return h.fail(w, r, exchange.AsError(perr), 0, authenticated)
 	}
+	var berr *exchange.Error
+	if req.Binding, berr = h.endpointBinding(w, r); berr != nil {
+		return h.fail(w, r, berr, 0, authenticated)
+	}
 
 	issued, xerr := h.app.engine.TokenExchange(r.Context(), req, client)
 	if xerr != nil {
@@ -134,6 +146,7 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 		return h.fail(w, r, e, 0, fields...)
 	}
 	m := issued.Minted
+	h.logUnbinding(r, client.ClientID, m)
 	metrics.endpoint.WithLabelValues(outcomeOK).Inc()
 	h.logger.Info("token exchanged",
 		zap.String("remote_ip", remoteIP(r)),
@@ -198,6 +211,10 @@ func oauthError(k exchange.Kind) (string, int) {
 		return "server_error", http.StatusInternalServerError
 	case exchange.KindUnavailable:
 		return "temporarily_unavailable", http.StatusServiceUnavailable
+	case exchange.KindInvalidDPoPProof:
+		return "invalid_dpop_proof", http.StatusBadRequest
+	case exchange.KindUseDPoPNonce:
+		return "use_dpop_nonce", http.StatusBadRequest
 	default:
 		return "invalid_request", http.StatusBadRequest
 	}

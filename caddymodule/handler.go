@@ -46,6 +46,8 @@ type Handler struct {
 	Realm string `json:"realm,omitempty"`
 	// Policy holds the route's CEL rules: allow_if, deny_if, grant, claim.
 	Policy
+	// DPoP, when set, accepts DPoP-bound tokens with DPoP proofs (RFC 9449).
+	DPoP *DPoPOptions `json:"dpop,omitempty"`
 
 	engine     *exchange.Engine
 	grant      exchange.Grant
@@ -75,6 +77,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.engine = app.Engine()
+	if err := h.DPoP.provision(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
 	rules, err := h.Policy.compile()
 	if err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
@@ -114,9 +119,9 @@ func (h *Handler) Validate() error {
 // ServeHTTP exchanges the inbound token and calls the next handler with the
 // minted one.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	raw, ferr := bearerToken(r)
+	raw, proven, ferr := h.credentials(r)
 	if ferr != nil {
-		return h.refuse(w, r, "", ferr)
+		return h.refuse(w, r, raw, ferr)
 	}
 	// The inbound token must not travel any further, nor be logged: drop
 	// every other header that carries it, and request trailers (their values
@@ -141,9 +146,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if ferr != nil {
 		return h.refuse(w, r, raw, ferr)
 	}
-	minted, err := h.exchange(r, raw)
+	minted, err := h.exchange(r, raw, proven)
 	if err != nil {
 		return h.refuse(w, r, raw, exchange.AsError(err))
+	}
+	if ferr := h.useProof(w, proven); ferr != nil {
+		return h.refuse(w, r, raw, ferr)
 	}
 	// A valid token must not travel in the URI or a form body either, in
 	// any encoding (checked once it is known to be a real token, so short
@@ -209,7 +217,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 // exchange runs the engine, timing it, and turns a panic into a logged
 // server error: a bug must never become an open gate or a crash.
-func (h *Handler) exchange(r *http.Request, raw string) (minted *exchange.Minted, err error) {
+func (h *Handler) exchange(r *http.Request, raw string, proven *presented) (minted *exchange.Minted, err error) {
 	start := time.Now()
 	defer func() {
 		if rec := recover(); rec != nil {
@@ -223,7 +231,7 @@ func (h *Handler) exchange(r *http.Request, raw string) (minted *exchange.Minted
 	if h.grant.Rules != nil {
 		info = requestInfo(r)
 	}
-	return h.engine.ExchangeBearer(r.Context(), raw, &h.grant, info)
+	return h.engine.ExchangePresented(r.Context(), raw, proven.bindingOf(), &h.grant, info)
 }
 
 // requestInfo describes the request for policy rules. Credentials are left
@@ -419,6 +427,10 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 		status, outcome = http.StatusInternalServerError, outcomeError
 	case exchange.KindUnavailable:
 		status, outcome = http.StatusServiceUnavailable, outcomeError
+	case exchange.KindInvalidDPoPProof:
+		code = "invalid_dpop_proof"
+	case exchange.KindUseDPoPNonce:
+		code = "use_dpop_nonce"
 	default:
 		code = "invalid_token"
 	}
@@ -466,7 +478,11 @@ func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *
 	if e.Kind == exchange.KindInsufficientScope && len(h.RequireScopes) > 0 {
 		challenge += `, scope="` + quoteSafe(exchange.FormatScope(h.RequireScopes)) + `"`
 	}
-	w.Header().Set("WWW-Authenticate", challenge)
+	if h.DPoP != nil {
+		h.DPoP.setChallenges(w, r, challenge, realm, code, e)
+	} else {
+		w.Header().Set("WWW-Authenticate", challenge)
+	}
 	// Answer here rather than return an error: Caddy's error path logs all
 	// request headers at debug level, and a client may have put a token in
 	// one it does not redact.

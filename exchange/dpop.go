@@ -179,9 +179,11 @@ func (v *DPoPVerifier) NonceRequired() bool { return v.cfg.Nonce }
 type DPoPRequest struct {
 	// Method is the HTTP method as the client sent it.
 	Method string
-	// URL is the target URI as the client sent it: scheme, host and path
-	// count; query and fragment do not (RFC 9449 §4.3).
-	URL *url.URL
+	// URLs are the target URI as the client may have sent it (one of
+	// them must match): scheme, host and path count; query and fragment
+	// do not (RFC 9449 §4.3). Several when the gateway is known under more
+	// than one public origin.
+	URLs []*url.URL
 	// AccessToken is the token presented with the proof (its hash must be
 	// the proof's ath); empty at the token endpoint, where ath is not used.
 	AccessToken string
@@ -314,7 +316,7 @@ func (v *DPoPVerifier) Check(proof string, req DPoPRequest) (*DPoPProof, error) 
 	if *c.HTM != req.Method {
 		return nil, badProof("dpop_htm", "DPoP proof htm is not the request method")
 	}
-	if !sameTargetURI(*c.HTU, req.URL) {
+	if !slices.ContainsFunc(req.URLs, func(u *url.URL) bool { return sameTargetURI(*c.HTU, u) }) {
 		return nil, badProof("dpop_htu", "DPoP proof htu is not the request URI")
 	}
 	now := v.cfg.Now()
