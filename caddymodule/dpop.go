@@ -157,6 +157,9 @@ func (h *Handler) credentials(r *http.Request) (string, *presented, *exchange.Er
 		return raw, p, err
 	}
 	// Authorization: DPoP <token> (RFC 9449 §7.1), as strict as Bearer.
+	// The scheme is remembered for the challenge of a refusal (the
+	// Authorization header itself is gone by then).
+	caddyhttp.SetVar(r.Context(), dpopSchemeVar, true)
 	raw, err := bearerToken(withScheme(r))
 	if err != nil {
 		return "", p, err
@@ -201,8 +204,14 @@ func (h *Handler) useProof(w http.ResponseWriter, p *presented) *exchange.Error 
 	return nil
 }
 
+// dpopSchemeVar marks a request whose token came with the DPoP scheme.
+const dpopSchemeVar = "token_exchange.dpop_scheme"
+
 // usesDPoPScheme tells whether the request's Authorization uses the DPoP scheme.
 func usesDPoPScheme(r *http.Request) bool {
+	if v, _ := caddyhttp.GetVar(r.Context(), dpopSchemeVar).(bool); v {
+		return true
+	}
 	values := r.Header.Values("Authorization")
 	if len(values) == 0 {
 		return false
@@ -226,22 +235,23 @@ func withScheme(r *http.Request) *http.Request {
 }
 
 // originalMethod and targetURIs describe the request as the client sent
-// it, before any rewrite in Caddy: the original request's method, host and
-// path, with the connection's scheme; or the configured public origins
-// with the original path.
+// it, before any rewrite in Caddy: the original request's method and path
+// (Caddy keeps them under caddyhttp.OriginalRequestCtxKey), the Host the
+// request arrived with (rewrites do not change it; Caddy's copy of the
+// original request does not keep it) and the connection's scheme; or,
+// behind another proxy, the configured public origins with that path.
 func originalMethod(r *http.Request) string {
-	if or, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok {
+	if or, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok && or.Method != "" {
 		return or.Method
 	}
 	return r.Method
 }
 
 func (o *DPoPOptions) targetURIs(r *http.Request) []*url.URL {
-	orig := r
+	path := r.URL.Path
 	if or, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok && or.URL != nil {
-		orig = &or
+		path = or.URL.Path
 	}
-	path := orig.URL.Path
 	if len(o.origins) > 0 {
 		out := make([]*url.URL, 0, len(o.origins))
 		for _, base := range o.origins {
@@ -253,7 +263,7 @@ func (o *DPoPOptions) targetURIs(r *http.Request) []*url.URL {
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	return []*url.URL{{Scheme: scheme, Host: orig.Host, Path: path}}
+	return []*url.URL{{Scheme: scheme, Host: r.Host, Path: path}}
 }
 
 // setChallenges sets WWW-Authenticate on a refusal of a DPoP route (RFC
