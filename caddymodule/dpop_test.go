@@ -172,7 +172,7 @@ func newDPPKI(t *testing.T) *dpPKI {
 		}
 		return c, certPEM, keyPEM
 	}
-	p := &dpPKI{caFile: filepath.Join(dir, "ca.pem"), certFile: filepath.Join(dir, "server.pem"), keyFile: filepath.Join(dir, "server-key.pem") /* not *.key: caddytest rewrites such paths */,
+	p := &dpPKI{caFile: filepath.Join(dir, "ca.pem"), certFile: filepath.Join(dir, "server.pem"), keyFile: filepath.Join(dir, "server-key.pem"), /* not *.key: caddytest rewrites such paths */
 		caPool: x509.NewCertPool()}
 	p.caPool.AddCert(ca)
 	_, certPEM, keyPEM := issue(2, "localhost", true)
@@ -329,12 +329,12 @@ https://localhost:%d {
 
 // dpReq is one request to the gateway.
 type dpReq struct {
-	method  string // default GET
-	path    string
-	auth    string   // the Authorization header, if any
-	proofs  []string // DPoP headers
-	https   bool
-	cert    *tls.Certificate
+	method string // default GET
+	path   string
+	auth   string   // the Authorization header, if any
+	proofs []string // DPoP headers
+	https  bool
+	cert   *tls.Certificate
 	// behindRewrite: Caddy's rewrite handler in front of token_exchange
 	// logs the request headers at DEBUG, the DPoP proof with them (only
 	// Authorization and Cookie are redacted; see the README): its proofs
