@@ -192,6 +192,9 @@ type Client struct {
 	Resources      []string       `json:"resources,omitempty"`
 	Scopes         []string       `json:"scopes,omitempty"`
 	MayImpersonate bool           `json:"may_impersonate,omitempty"`
+	// AllowUnbinding lets the client exchange a sender-constrained subject
+	// token without proof of possession (logged; the minted token is unbound).
+	AllowUnbinding bool `json:"allow_unbinding,omitempty"`
 	// Policy holds the client's CEL rules: allow_if, deny_if, grant, claim.
 	Policy
 }
@@ -330,6 +333,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			Resources:      c.Resources,
 			Scopes:         c.Scopes,
 			MayImpersonate: c.MayImpersonate,
+			AllowUnbinding: c.AllowUnbinding,
 		})
 	}
 	a.clients, err = exchange.NewClients(ctx, clientCfgs, exchange.ClientOptions{

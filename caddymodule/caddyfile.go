@@ -77,6 +77,7 @@ func init() {
 //	        resource <uri...>
 //	        scope <scope...>
 //	        may_impersonate
+//	        allow_unbinding
 //	        allow_if|deny_if|grant|claim ...   (as in the handler)
 //	    }
 //	}
@@ -339,6 +340,11 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			c.MayImpersonate = true
+		case "allow_unbinding":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			c.AllowUnbinding = true
 		default:
 			if ok, perr := c.Policy.unmarshalPolicyLine(d); ok {
 				err = perr
@@ -362,6 +368,12 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    claims <claim...>
 //	    mode delegation|impersonation
 //	    realm <realm>
+//	    dpop optional|required {
+//	        algorithms <alg...>
+//	        max_age <duration>
+//	        nonce
+//	        public_origin <scheme://host[:port]...>
+//	    }
 //	    allow_if <cel-expr>
 //	    deny_if <cel-expr>
 //	    grant <scope...> if <cel-expr>
@@ -400,6 +412,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "realm":
 			err = oneArg(d, &h.Realm)
+		case "dpop":
+			h.DPoP, err = parseDPoP(d, true)
 		default:
 			if ok, perr := h.Policy.unmarshalPolicyLine(d); ok {
 				err = perr
@@ -456,6 +470,11 @@ func (h *JWKSHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //
 //	token_exchange_endpoint [<matcher>] {
 //	    max_request_body <size>
+//	    dpop optional|required {
+//	        algorithms <alg...>
+//	        max_age <duration>
+//	        nonce
+//	    }
 //	}
 func parseEndpointHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(EndpointHandler)
@@ -481,6 +500,11 @@ func (h *EndpointHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("invalid max_request_body '%s'", s)
 			}
 			h.MaxRequestBody = int64(size)
+		case "dpop":
+			var err error
+			if h.DPoP, err = parseDPoP(d, false); err != nil {
+				return err
+			}
 		default:
 			return d.Errf("unrecognized token_exchange_endpoint subdirective '%s'", d.Val())
 		}
@@ -555,3 +579,52 @@ var (
 	_ caddyfile.Unmarshaler = (*JWKSHandler)(nil)
 	_ caddyfile.Unmarshaler = (*EndpointHandler)(nil)
 )
+
+// parseDPoP reads `dpop optional|required [{ ... }]` of a route (withOrigin)
+// or of the token endpoint. Every error names its line.
+func parseDPoP(d *caddyfile.Dispenser, withOrigin bool) (*DPoPOptions, error) {
+	o := &DPoPOptions{}
+	if err := oneArg(d, &o.Mode); err != nil {
+		return nil, err
+	}
+	if o.Mode != dpopOptional && o.Mode != dpopRequired {
+		return nil, d.Errf("dpop must be optional or required, not '%s'", o.Mode)
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch d.Val() {
+		case "algorithms":
+			if err = appendArgs(d, &o.Algorithms); err == nil {
+				for _, alg := range o.Algorithms {
+					if cerr := exchange.CheckVerifyAlgorithm(alg); cerr != nil {
+						return nil, d.Errf("dpop algorithms: %v", cerr)
+					}
+				}
+			}
+		case "max_age":
+			if err = durationArg(d, &o.MaxAge); err == nil && o.MaxAge == 0 {
+				return nil, d.Err("dpop max_age must be positive")
+			}
+		case "nonce":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			o.Nonce = true
+		case "public_origin":
+			if !withOrigin {
+				return nil, d.Err("dpop public_origin has no meaning at the token endpoint: proofs are checked against the token_endpoint URL of the global option")
+			}
+			if err = appendArgs(d, &o.PublicOrigins); err == nil {
+				if perr := (&DPoPOptions{Mode: o.Mode, PublicOrigins: o.PublicOrigins}).checkOrigins(); perr != nil {
+					return nil, d.Errf("%v", perr)
+				}
+			}
+		default:
+			return nil, d.Errf("unrecognized dpop option '%s'", d.Val())
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return o, nil
+}

@@ -191,6 +191,14 @@ func TestAdaptErrors(t *testing.T) {
 		{"registered claim", handler("\t\taudience a\n\t\tclaims email sub"), "'sub' is set by the gateway"},
 		{"require outside scope", handler("\t\taudience a\n\t\tscope a\n\t\trequire_scope b"), "require_scope 'b'"},
 		{"bad mode", handler("\t\taudience a\n\t\tmode sudo"), "mode must be"},
+		{"dpop without a mode", handler("\t\taudience a\n\t\tdpop"), "wrong argument count"},
+		{"dpop bad mode", handler("\t\taudience a\n\t\tdpop on"), "dpop must be optional or required, not 'on'"},
+		{"dpop HMAC", handler("\t\taudience a\n\t\tdpop required {\n\t\t\talgorithms ES256 HS256\n\t\t}"), "HMAC"},
+		{"dpop none", handler("\t\taudience a\n\t\tdpop required {\n\t\t\talgorithms none\n\t\t}"), "unsigned"},
+		{"dpop unknown option", handler("\t\taudience a\n\t\tdpop optional {\n\t\t\tlifetime 1m\n\t\t}"), "unrecognized dpop option 'lifetime'"},
+		{"dpop public_origin with a path", handler("\t\taudience a\n\t\tdpop optional {\n\t\t\tpublic_origin https://api.example.com/v1\n\t\t}"), "must be scheme://host"},
+		{"dpop zero max_age", handler("\t\taudience a\n\t\tdpop optional {\n\t\t\tmax_age 0s\n\t\t}"), "max_age must be positive"},
+		{"allow_unbinding with an argument", global("\t\tissuer https://gw\n\t\tclient c {\n\t\t\tallow_unbinding yes\n\t\t}"), "wrong argument count"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -224,6 +232,36 @@ func TestUnmarshalHandlerDirective(t *testing.T) {
 		RequireScopes: []string{"x"}, Claims: []string{"email"}, Realm: "api"}
 	if !reflect.DeepEqual(h, want) {
 		t.Fatalf("got %+v", h)
+	}
+}
+
+func TestUnmarshalDPoP(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`token_exchange {
+		audience https://a.internal
+		dpop required {
+			algorithms ES256 EdDSA
+			max_age 30s
+			nonce
+			public_origin https://api.example.com https://api.example.net:8443
+		}
+	}`)
+	var h Handler
+	if err := h.UnmarshalCaddyfile(d); err != nil {
+		t.Fatal(err)
+	}
+	if h.DPoP == nil || h.DPoP.Mode != "required" || !reflect.DeepEqual(h.DPoP.Algorithms, []string{"ES256", "EdDSA"}) ||
+		time.Duration(h.DPoP.MaxAge) != 30*time.Second || !h.DPoP.Nonce ||
+		!reflect.DeepEqual(h.DPoP.PublicOrigins, []string{"https://api.example.com", "https://api.example.net:8443"}) {
+		t.Fatalf("got %+v", h.DPoP)
+	}
+	d = caddyfile.NewTestDispenser(`token_exchange_endpoint {
+		dpop optional {
+			public_origin https://api.example.com
+		}
+	}`)
+	var e EndpointHandler
+	if err := e.UnmarshalCaddyfile(d); err == nil || !strings.Contains(err.Error(), "no meaning at the token endpoint") {
+		t.Fatalf("public_origin at the endpoint: %v", err)
 	}
 }
 

@@ -2,7 +2,9 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
+	"net/url"
 	"runtime/debug"
 	"strconv"
 	"time"
@@ -26,6 +28,11 @@ func init() {
 type EndpointHandler struct {
 	// MaxRequestBody caps the request body in bytes (default 65536).
 	MaxRequestBody int64 `json:"max_request_body,omitempty"`
+	// DPoP configures DPoP proofs to the token endpoint (default: accepted,
+	// optional, default algorithms, no nonce).
+	DPoP *DPoPOptions `json:"dpop,omitempty"`
+
+	tokenEndpointURLs []*url.URL
 
 	app      *App
 	logger   *zap.Logger
@@ -51,8 +58,11 @@ func (h *EndpointHandler) Provision(ctx caddy.Context) error {
 	if h.MaxRequestBody <= 0 {
 		h.MaxRequestBody = exchange.DefaultMaxRequestBody
 	}
+	if err := h.provisionEndpointDPoP(); err != nil {
+		return fmt.Errorf("token_exchange_endpoint: %w", err)
+	}
 	h.endpoint = &exchange.TokenEndpoint{Engine: app.engine, Clients: app.clients, Realm: app.Issuer,
-		MaxRequestBody: h.MaxRequestBody, OnOutcome: h.audit}
+		MaxRequestBody: h.MaxRequestBody, OnOutcome: h.audit, Binding: h.endpointBinding}
 	return nil
 }
 
@@ -82,6 +92,9 @@ func (h *EndpointHandler) audit(r *http.Request, o *exchange.EndpointOutcome) {
 		fields = append(fields, zap.String("claimed_client_id", o.ClaimedClientID))
 	}
 	if o.Issued != nil {
+		if o.Client != nil {
+			h.logUnbinding(r, o.Client.ClientID, o.Issued.Minted)
+		}
 		metrics.endpoint.WithLabelValues(outcomeOK).Inc()
 		h.logger.Info("token exchanged", append(fields, mintedFields(o.Issued.Minted)...)...)
 		return

@@ -41,6 +41,8 @@ type Handler struct {
 	Realm string `json:"realm,omitempty"`
 	// Policy holds the route's CEL rules: allow_if, deny_if, grant, claim.
 	Policy
+	// DPoP, when set, accepts DPoP-bound tokens with DPoP proofs (RFC 9449).
+	DPoP *DPoPOptions `json:"dpop,omitempty"`
 
 	engine     *exchange.Engine
 	grant      exchange.Grant
@@ -71,6 +73,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.engine = app.Engine()
+	if err := h.DPoP.provision(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
 	rules, err := h.Policy.compile()
 	if err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
@@ -89,6 +94,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.gate, err = exchange.NewBearerGate(h.engine, &h.grant, h.Realm); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
+	}
+	if h.DPoP != nil {
+		h.gate.Challenge = h.DPoP.setChallenges
 	}
 	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)
 	h.hitCount = metrics.cache.WithLabelValues("hit")
@@ -112,7 +120,7 @@ func (h *Handler) Validate() error {
 // answers) is the library's BearerGate; this adds Caddy's logs, metrics and
 // placeholders.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	a := h.admit(r)
+	a := h.admit(w, r)
 	if a.RemovedTxnToken {
 		h.logger.Info("outside Txn-Token removed at the edge", zap.String("remote_ip", exchange.RemoteIP(r)), zap.String("path", exchange.LoggablePath(r, a.Token)))
 	}
@@ -190,7 +198,7 @@ func (h *Handler) requestFields(r *http.Request, token string) []zap.Field {
 // admit runs the gate, timing the exchange, and turns a panic anywhere in
 // it into a logged server error: a bug must never become an open gate or a
 // crash.
-func (h *Handler) admit(r *http.Request) (a exchange.Admission) {
+func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (a exchange.Admission) {
 	defer func() {
 		if rec := recover(); rec != nil {
 			h.logger.Error("panic in token exchange", zap.Any("panic", rec), zap.ByteString("stack", debug.Stack()),
@@ -198,11 +206,23 @@ func (h *Handler) admit(r *http.Request) (a exchange.Admission) {
 			a = exchange.Admission{Token: a.Token, Err: &exchange.Error{Kind: exchange.KindServer, Reason: "panic", Description: "internal error"}}
 		}
 	}()
-	return h.gate.Admit(r, func(raw string, info *exchange.RequestInfo) (*exchange.Minted, error) {
-		a.Token = raw // for the panic log
-		start := time.Now()
-		defer func() { h.duration.Observe(time.Since(start).Seconds()) }()
-		return h.engine.ExchangeBearer(r.Context(), raw, &h.grant, info)
+	// What the request proves (a DPoP proof, a client certificate) comes
+	// with its token; a proof's jti is recorded only once the token was
+	// accepted, so strangers' proofs cannot fill the replay cache.
+	var proven *presented
+	return h.gate.Admit(r, exchange.AdmitHooks{
+		Credentials: func(r *http.Request) (string, *exchange.Binding, *exchange.Error) {
+			raw, p, err := h.credentials(r)
+			proven = p
+			return raw, p.bindingOf(), err
+		},
+		Exchange: func(raw string, binding *exchange.Binding, info *exchange.RequestInfo) (*exchange.Minted, error) {
+			a.Token = raw // for the panic log
+			start := time.Now()
+			defer func() { h.duration.Observe(time.Since(start).Seconds()) }()
+			return h.engine.ExchangePresented(r.Context(), raw, binding, &h.grant, info)
+		},
+		Accepted: func() *exchange.Error { return h.useProof(w, proven) },
 	})
 }
 

@@ -24,6 +24,25 @@ type BearerGate struct {
 	grant  *Grant
 	// realm of the challenge; empty: the request's host.
 	realm string
+	// Challenge, if set, writes WWW-Authenticate instead of the Bearer
+	// challenge (a DPoP route adds its own, RFC 9449 §7.1); bearer is the
+	// Bearer challenge the gate would have sent.
+	Challenge func(w http.ResponseWriter, r *http.Request, bearer, realm, code string, e *Error)
+}
+
+// AdmitHooks let a host extend the admission: how credentials are read
+// (a DPoP proof, a client certificate), how the engine is called (timing,
+// panic recovery), and what happens once the token is accepted (a proof's
+// jti recorded). Each nil hook has the gate's default.
+type AdmitHooks struct {
+	// Credentials reads the inbound token and what the request proves
+	// about its presenter. Default: ParseBearer, no binding.
+	Credentials func(r *http.Request) (raw string, binding *Binding, err *Error)
+	// Exchange runs the engine. Default: Engine.ExchangePresented.
+	Exchange func(raw string, binding *Binding, info *RequestInfo) (*Minted, error)
+	// Accepted runs after the exchange and every check passed, before the
+	// request goes on; an error refuses it.
+	Accepted func() *Error
 }
 
 // NewBearerGate builds the front door of one route.
@@ -53,12 +72,18 @@ type Admission struct {
 // Admit runs the inbound side of the middleware on r. On success r carries
 // only the minted token (Authorization: Bearer), every other copy of the
 // inbound token is gone, and its form body (if inspected) is restored for
-// the next handler. exchangeFn, when set, replaces the engine call (hosts
-// time it or recover panics there).
-func (g *BearerGate) Admit(r *http.Request, exchangeFn func(raw string, info *RequestInfo) (*Minted, error)) Admission {
-	raw, err := bearerToken(r)
+// the next handler.
+func (g *BearerGate) Admit(r *http.Request, hooks AdmitHooks) Admission {
+	var raw string
+	var binding *Binding
+	var err *Error
+	if hooks.Credentials != nil {
+		raw, binding, err = hooks.Credentials(r)
+	} else {
+		raw, err = ParseBearer(r)
+	}
 	if err != nil {
-		return Admission{Err: err}
+		return Admission{Token: raw, Err: err}
 	}
 	a := Admission{Token: raw}
 	// The inbound token must not travel any further, nor be logged: drop
@@ -89,12 +114,13 @@ func (g *BearerGate) Admit(r *http.Request, exchangeFn func(raw string, info *Re
 	if g.grant.Rules != nil {
 		info = RequestInfoOf(r)
 	}
+	exchangeFn := hooks.Exchange
 	if exchangeFn == nil {
-		exchangeFn = func(raw string, info *RequestInfo) (*Minted, error) {
-			return g.engine.ExchangeBearer(r.Context(), raw, g.grant, info)
+		exchangeFn = func(raw string, binding *Binding, info *RequestInfo) (*Minted, error) {
+			return g.engine.ExchangePresented(r.Context(), raw, binding, g.grant, info)
 		}
 	}
-	minted, xerr := exchangeFn(raw, info)
+	minted, xerr := exchangeFn(raw, binding, info)
 	if xerr != nil {
 		a.Err = AsError(xerr)
 		return a
@@ -111,6 +137,11 @@ func (g *BearerGate) Admit(r *http.Request, exchangeFn func(raw string, info *Re
 		a.Err = &Error{Kind: KindInvalidRequest, Reason: "token_in_body",
 			Description: "the bearer token must not appear in the request body"}
 		return a
+	}
+	if hooks.Accepted != nil {
+		if a.Err = hooks.Accepted(); a.Err != nil {
+			return a
+		}
 	}
 	r.Header.Set("Authorization", "Bearer "+minted.Token)
 	a.Minted = minted
@@ -138,6 +169,10 @@ func BearerStatus(e *Error) (status int, code string) {
 		return http.StatusInternalServerError, ""
 	case KindUnavailable:
 		return http.StatusServiceUnavailable, ""
+	case KindInvalidDPoPProof:
+		return http.StatusUnauthorized, "invalid_dpop_proof"
+	case KindUseDPoPNonce:
+		return http.StatusUnauthorized, "use_dpop_nonce"
 	default:
 		return http.StatusUnauthorized, "invalid_token"
 	}
@@ -168,7 +203,11 @@ func (g *BearerGate) Refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	if e.Kind == KindInsufficientScope && len(g.grant.RequireScopes) > 0 {
 		challenge += `, scope="` + QuoteSafe(FormatScope(g.grant.RequireScopes)) + `"`
 	}
-	w.Header().Set("WWW-Authenticate", challenge)
+	if g.Challenge != nil {
+		g.Challenge(w, r, challenge, realm, code, e)
+	} else {
+		w.Header().Set("WWW-Authenticate", challenge)
+	}
 	w.WriteHeader(status)
 }
 
@@ -176,7 +215,7 @@ func (g *BearerGate) Refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 // Caddy and for tests.
 func (g *BearerGate) Wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if a := g.Admit(r, nil); a.Err != nil {
+		if a := g.Admit(r, AdmitHooks{}); a.Err != nil {
 			g.Refuse(w, r, a.Err)
 			return
 		}
@@ -222,10 +261,10 @@ func SetRetryAfter(w http.ResponseWriter, e *Error) {
 	w.Header().Set("Retry-After", strconv.Itoa(max(1, secs)))
 }
 
-// bearerToken extracts the RFC 6750 §2.1 bearer token. It accepts exactly
+// ParseBearer extracts the RFC 6750 §2.1 bearer token. It accepts exactly
 // one Authorization header with the Bearer scheme; tokens in the query are
 // refused rather than ignored, so they cannot slip through to the upstream.
-func bearerToken(r *http.Request) (string, *Error) {
+func ParseBearer(r *http.Request) (string, *Error) {
 	if r.URL.Query().Has("access_token") {
 		return "", &Error{Kind: KindInvalidRequest, Reason: "token_in_query",
 			Description: "access tokens in the URI query are not accepted; use the Authorization header"}

@@ -88,6 +88,10 @@ type ClientConfig struct {
 	JWKSMaxStale time.Duration
 	// MayImpersonate lets the client obtain tokens without act.
 	MayImpersonate bool
+	// AllowUnbinding lets the client exchange a sender-constrained (cnf)
+	// subject token without proving possession of its key; the minted
+	// token is then unbound (and the exchange logged as such). Off by default.
+	AllowUnbinding bool
 	// Rules is the client's CEL policy (nil: none).
 	Rules *Rules
 }

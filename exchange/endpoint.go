@@ -58,7 +58,16 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	case "saml1", "saml2":
 		return nil, asRequestError(invalidToken("token_type", "SAML subject tokens are not supported"))
 	}
-	subject, err := e.Verify(ctx, req.SubjectToken, subjectType)
+	// Sender constraints: a bound subject token is exchanged only when the
+	// client proves possession (a DPoP proof to this endpoint, the bound
+	// certificate on the connection), or may unbind it (allow_unbinding).
+	var proven Binding
+	if req.Binding != nil {
+		proven = Binding{JKT: req.Binding.JKT, CertThumbprint: req.Binding.CertThumbprint}
+	}
+	subjectBinding := proven
+	subjectBinding.AllowUnbound = cfg.AllowUnbinding
+	subject, err := e.VerifyBound(ctx, req.SubjectToken, subjectType, &subjectBinding)
 	if err != nil {
 		return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
 	}
@@ -74,7 +83,7 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 		if actorType == "refresh_token" || actorType == "saml1" || actorType == "saml2" {
 			return nil, asRequestError(invalidToken("token_type", "actor_token type is not supported"))
 		}
-		actorSubject, err = e.Verify(ctx, req.ActorToken, actorType)
+		actorSubject, err = e.VerifyBound(ctx, req.ActorToken, actorType, &proven)
 		if err != nil {
 			return nil, asRequestError(prefixed(AsError(err), "actor_token: "))
 		}
@@ -97,8 +106,23 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	if len(req.Scopes) > 0 {
 		ceiling = IntersectScopes(req.Scopes, cfg.Scopes)
 	}
+	// What we mint keeps the binding that was proven: a DPoP proof to the
+	// token endpoint binds the issued token to its key (RFC 9449 §5), and a
+	// certificate-bound subject token stays bound to that certificate
+	// (RFC 8705 §3). Only allow_unbinding mints an unbound token from a
+	// bound one, and the front door logs it (Minted.Unbound).
+	var confirm map[string]string
+	if proven.JKT != "" {
+		confirm = map[string]string{"jkt": proven.JKT}
+	}
+	if x5t, ok := subject.Confirmation["x5t#S256"]; ok {
+		if confirm == nil {
+			confirm = make(map[string]string, 1)
+		}
+		confirm["x5t#S256"] = x5t
+	}
 	grant := &Grant{Audiences: audiences, Scopes: ceiling, ClientID: client.ClientID, Impersonate: impersonate, Rules: cfg.Rules}
-	minted, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, ActorToken: actorSubject, Client: client.ClientID}, grant)
+	minted, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, ActorToken: actorSubject, Client: client.ClientID, Confirmation: confirm}, grant)
 	if err != nil {
 		return nil, asRequestError(AsError(withSubject(err, subject)))
 	}
@@ -118,7 +142,11 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	}
 	if issued.IssuedTokenType == TokenTypeAccessToken {
 		issued.TokenType = "Bearer"
+		if confirm["jkt"] != "" {
+			issued.TokenType = "DPoP" // RFC 9449 §5
+		}
 	}
+	minted.Unbound = subject.Unbound
 	if issued.ExpiresIn < 1 {
 		issued.ExpiresIn = 1
 	}

@@ -156,6 +156,9 @@ type ExchangeInput struct {
 	Client string
 	// Request describes the HTTP request on the middleware (nil on the endpoint).
 	Request *RequestInfo
+	// Confirmation, when set, binds the minted token (its cnf claim:
+	// jkt and/or x5t#S256).
+	Confirmation map[string]string
 }
 
 // Validate checks a grant at configuration time.
@@ -223,12 +226,25 @@ type Minted struct {
 	ActChain map[string]any
 	// Cached tells that this result came from the minted-token cache.
 	Cached bool
+	// Confirmation is the minted token's cnf (nil: not bound).
+	Confirmation map[string]string
+	// Unbound tells that the subject token was bound (cnf) and accepted
+	// without proof of possession (a client with allow_unbinding).
+	Unbound bool
 }
 
 // ExchangeBearer is the in-process exchange of the middleware: it verifies a
 // bearer token as an access token and mints for grant with the gateway as
 // actor. req describes the HTTP request for policy rules (may be nil).
 func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, req *RequestInfo) (*Minted, error) {
+	return e.ExchangePresented(ctx, raw, nil, grant, req)
+}
+
+// ExchangePresented is ExchangeBearer for a token presented with what its
+// presenter proved on this request (a DPoP proof's key, the client
+// certificate): a sender-constrained token is accepted only when binding
+// matches its cnf. A cached result is reused only for the same binding.
+func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Binding, grant *Grant, req *RequestInfo) (*Minted, error) {
 	if raw == "" {
 		return nil, &Error{Kind: KindMissingToken, Reason: "missing_token", Description: "no bearer token"}
 	}
@@ -237,7 +253,7 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, r
 		return nil, err
 	}
 	mint := func() (*Minted, *Subject, error) {
-		subject, err := e.Verify(ctx, raw, "access_token")
+		subject, err := e.trust.Verify(ctx, raw, VerifyOptions{TokenType: "access_token", MaxActDepth: e.cfg.MaxActDepth, Binding: binding})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -253,7 +269,7 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, r
 	// exchanged: reuse the result while it is fresh and the issuer still
 	// publishes the key that verified it (the same key material, by RFC 7638
 	// thumbprint, not merely the same kid) and its keys are usable.
-	key := NewCacheKey(raw, e.cfg.Actor, grant.cacheID)
+	key := NewCacheKey(raw, e.cfg.Actor, grant.cacheID, binding.cacheID())
 	mintEntry := func() (*CachedToken, error) {
 		m, subject, err := mint()
 		if err != nil {
@@ -278,7 +294,12 @@ func (e *Engine) ExchangeBearer(ctx context.Context, raw string, grant *Grant, r
 
 // Verify checks an inbound token presented as tokenType (a short name).
 func (e *Engine) Verify(ctx context.Context, raw, tokenType string) (*Subject, error) {
-	return e.trust.Verify(ctx, raw, VerifyOptions{TokenType: tokenType, MaxActDepth: e.cfg.MaxActDepth})
+	return e.VerifyBound(ctx, raw, tokenType, nil)
+}
+
+// VerifyBound is Verify with what the presenter proved (see Binding).
+func (e *Engine) VerifyBound(ctx context.Context, raw, tokenType string, binding *Binding) (*Subject, error) {
+	return e.trust.Verify(ctx, raw, VerifyOptions{TokenType: tokenType, MaxActDepth: e.cfg.MaxActDepth, Binding: binding})
 }
 
 // Exchange applies policy to a verified subject and mints a token for grant.
@@ -350,7 +371,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 	claims := mintedClaims{
 		Iss: e.cfg.Issuer, Sub: subject.Subject, Aud: grant.Audiences,
 		Exp: exp.Unix(), Iat: now.Unix(), Nbf: now.Unix(), Jti: jti,
-		Scope: FormatScope(scopes), ClientID: grant.ClientID,
+		Scope: FormatScope(scopes), ClientID: grant.ClientID, Cnf: in.Confirmation,
 	}
 	if claims.ClientID == "" {
 		claims.ClientID = subject.ClientID
@@ -407,21 +428,23 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		SubjectIssuer:    subject.Issuer,
 		SubjectTokenHash: subject.TokenHash,
 		ActChain:         act,
+		Confirmation:     in.Confirmation,
 	}, nil
 }
 
 // mintedClaims is the claims set of a minted token (RFC 9068 §2.2).
 type mintedClaims struct {
-	Iss      string         `json:"iss"`
-	Sub      string         `json:"sub"`
-	Aud      []string       `json:"aud"`
-	Exp      int64          `json:"exp"`
-	Iat      int64          `json:"iat"`
-	Nbf      int64          `json:"nbf"`
-	Jti      string         `json:"jti"`
-	Scope    string         `json:"scope,omitempty"`
-	ClientID string         `json:"client_id,omitempty"`
-	Act      map[string]any `json:"act,omitempty"`
+	Iss      string            `json:"iss"`
+	Sub      string            `json:"sub"`
+	Aud      []string          `json:"aud"`
+	Exp      int64             `json:"exp"`
+	Iat      int64             `json:"iat"`
+	Nbf      int64             `json:"nbf"`
+	Jti      string            `json:"jti"`
+	Scope    string            `json:"scope,omitempty"`
+	ClientID string            `json:"client_id,omitempty"`
+	Act      map[string]any    `json:"act,omitempty"`
+	Cnf      map[string]string `json:"cnf,omitempty"`
 }
 
 // marshal serializes the claims with extra (non-registered) claims appended.

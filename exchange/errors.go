@@ -39,6 +39,13 @@ const (
 	// KindUnavailable: a dependency or a bounded resource cannot answer now
 	// (503 with Retry-After); never blamed on the token or the client.
 	KindUnavailable
+	// KindInvalidDPoPProof: a DPoP proof is missing, malformed, does not
+	// verify, is not for this request, or was replayed (RFC 9449 §7.1
+	// invalid_dpop_proof).
+	KindInvalidDPoPProof
+	// KindUseDPoPNonce: the proof lacks the server nonce, or it is not
+	// current (RFC 9449 §8 use_dpop_nonce).
+	KindUseDPoPNonce
 )
 
 // Error is a failed exchange. Description is safe to show to the caller: it

@@ -439,7 +439,9 @@ func (in *introspector) subject(raw string, claims map[string]any, now time.Time
 	if err != nil {
 		return nil, time.Time{}, invalidToken("invalid_claims", "token jti is not a string")
 	}
-	if err := checkConfirmation(claims); err != nil {
+	// A sender-constrained opaque token is refused: no proof is checked on
+	// this path (fail closed).
+	if _, _, err := checkConfirmation(claims, nil); err != nil {
 		return nil, time.Time{}, err
 	}
 	h := HashToken(raw)

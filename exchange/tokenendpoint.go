@@ -27,6 +27,10 @@ type TokenEndpoint struct {
 	MaxRequestBody int64
 	// OnOutcome, if set, is told of every answer (for logs and metrics).
 	OnOutcome func(r *http.Request, o *EndpointOutcome)
+	// Binding, if set, reads what the request proves about its sender (a
+	// DPoP proof to this endpoint, the TLS client certificate) once the
+	// client is authenticated; bound subject tokens need it.
+	Binding func(w http.ResponseWriter, r *http.Request) (*Binding, *Error)
 }
 
 // EndpointOutcome describes one answer of the token endpoint, for the
@@ -66,6 +70,10 @@ func OAuthError(e *Error) (code string, status int) {
 		return "server_error", http.StatusInternalServerError
 	case KindUnavailable:
 		return "temporarily_unavailable", http.StatusServiceUnavailable
+	case KindInvalidDPoPProof:
+		return "invalid_dpop_proof", http.StatusBadRequest
+	case KindUseDPoPNonce:
+		return "use_dpop_nonce", http.StatusBadRequest
 	default:
 		if e.Status != 0 {
 			return "invalid_request", e.Status
@@ -148,6 +156,13 @@ func (t *TokenEndpoint) serve(w http.ResponseWriter, r *http.Request, o *Endpoin
 		return
 	}
 	o.SubjectTokenHash = HashToken(req.SubjectToken)
+	if t.Binding != nil {
+		var berr *Error
+		if req.Binding, berr = t.Binding(w, r); berr != nil {
+			t.Fail(w, o, berr)
+			return
+		}
+	}
 	issued, err := t.Engine.TokenExchange(r.Context(), req, client)
 	if err != nil {
 		t.Fail(w, o, AsError(err))

@@ -67,6 +67,11 @@ type TokenRequest struct {
 	// ParseTokenRequest only checks that each appears at most once;
 	// Clients.Authenticate judges them.
 	ClientID, ClientSecret, ClientAssertion, ClientAssertionType string
+
+	// Binding is what the client proved on this request: the key of a
+	// verified DPoP proof to the token endpoint, the TLS client
+	// certificate. Set by the front door, never read from the form.
+	Binding *Binding
 }
 
 // SubjectTokenTypeName is the short name (access_token, jwt, ...) of the

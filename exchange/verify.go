@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -45,6 +46,12 @@ type Subject struct {
 	MayAct any
 	// ActDepth is the depth of Act.
 	ActDepth int
+	// Confirmation holds the token's cnf members (jkt, x5t#S256) once their
+	// proof was verified on this request (nil: the token is not bound).
+	Confirmation map[string]string
+	// Unbound tells that the token is bound but was accepted without proof
+	// because the caller allowed unbinding (Binding.AllowUnbound).
+	Unbound bool
 
 	claims map[string]any
 }
@@ -81,6 +88,10 @@ type VerifyOptions struct {
 	TokenType string
 	// MaxActDepth bounds the subject's act chain (default DefaultMaxActDepth).
 	MaxActDepth int
+	// Binding is what the presenter proved on this request (a DPoP proof's
+	// key, the client certificate). nil proves nothing: a token with cnf is
+	// refused (no downgrade of a sender-constrained token to a bearer token).
+	Binding *Binding
 }
 
 // Verify checks an inbound token and returns its subject. The order is
@@ -198,11 +209,13 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, invalidToken("invalid_claims", "token jti is not a string")
 	}
 
-	if err := checkConfirmation(claims); err != nil {
-		return nil, err
+	cnf, unbound, cerr := checkConfirmation(claims, opts.Binding)
+	if cerr != nil {
+		return nil, cerr
 	}
 
-	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, KeyThumbprint: key.thumbprint, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti}
+	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, KeyThumbprint: key.thumbprint, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti,
+		Confirmation: cnf, Unbound: unbound}
 
 	if v, ok := s.Claim(ti.cfg.ScopeClaim); ok {
 		external, err := scopesFromClaim(v)
@@ -237,26 +250,72 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 // key thumbprint (RFC 9449 §6.1) and a certificate thumbprint (RFC 8705 §3.1).
 var confirmationMembers = []string{"jkt", "x5t#S256"}
 
-// checkConfirmation refuses sender-constrained tokens. A token with `cnf` is
+// checkConfirmation enforces sender constraints. A token with `cnf` is
 // bound to a key its presenter must prove possession of (DPoP, mutual TLS);
 // accepting it as a plain bearer token would silently drop that binding and
-// let a stolen token through. Until a proof is verified on the request, such
-// a token is refused; so is a `cnf` of an unknown shape or member (fail closed).
-func checkConfirmation(claims map[string]any) *Error {
+// let a stolen token through. Every cnf member must be matched by what b
+// proves: cnf.jkt by the key of a verified DPoP proof, cnf.x5t#S256 by the
+// client certificate of the connection. A cnf of an unknown shape or member
+// is refused (fail closed), and a token presented with the DPoP scheme must
+// be DPoP-bound. It returns the verified members, or unbound = true when
+// the caller allowed a bound token without proof.
+func checkConfirmation(claims map[string]any, b *Binding) (verified map[string]string, unbound bool, _ *Error) {
+	if b == nil {
+		b = &Binding{}
+	}
 	v, ok := claims["cnf"]
 	if !ok {
-		return nil
+		if b.DPoPScheme {
+			return nil, false, invalidToken("not_dpop_bound", "token presented with a DPoP proof is not DPoP-bound (no cnf.jkt)")
+		}
+		return nil, false, nil
 	}
 	cnf, isObject := v.(map[string]any)
 	if !isObject {
-		return invalidToken("bad_cnf", "token cnf claim is not an object")
+		return nil, false, invalidToken("bad_cnf", "token cnf claim is not an object")
 	}
-	for name := range cnf {
+	if len(cnf) == 0 {
+		return nil, false, invalidToken("bad_cnf", "token cnf claim is empty")
+	}
+	members := make(map[string]string, len(cnf))
+	for name, mv := range cnf {
 		if !slices.Contains(confirmationMembers, name) {
-			return invalidToken("bad_cnf", "token cnf claim has an unsupported confirmation method")
+			return nil, false, invalidToken("bad_cnf", "token cnf claim has an unsupported confirmation method")
+		}
+		str, isString := mv.(string)
+		if !isString || str == "" {
+			return nil, false, invalidToken("bad_cnf", "token cnf %s is not a non-empty string", name)
+		}
+		members[name] = str
+	}
+	jkt, hasJKT := members["jkt"]
+	if b.DPoPScheme && !hasJKT {
+		return nil, false, invalidToken("not_dpop_bound", "token presented with a DPoP proof is not DPoP-bound (no cnf.jkt)")
+	}
+	if b.AllowUnbound && b.JKT == "" && b.CertThumbprint == "" {
+		return nil, true, nil
+	}
+	if hasJKT {
+		switch {
+		case b.JKT == "" && b.AllowUnbound:
+			return nil, true, nil
+		case b.JKT == "":
+			return nil, false, invalidToken("sender_constrained", "token is DPoP-bound (cnf.jkt) and cannot be used without a DPoP proof")
+		case subtle.ConstantTimeCompare([]byte(b.JKT), []byte(jkt)) != 1:
+			return nil, false, invalidToken("dpop_key_mismatch", "the DPoP proof key is not the key the token is bound to (cnf.jkt)")
 		}
 	}
-	return invalidToken("sender_constrained", "token is sender-constrained (cnf) and cannot be used as a bearer token without proof of possession")
+	if x5t, ok := members["x5t#S256"]; ok {
+		switch {
+		case b.CertThumbprint == "" && b.AllowUnbound:
+			return nil, true, nil
+		case b.CertThumbprint == "":
+			return nil, false, invalidToken("sender_constrained", "token is bound to a client certificate (cnf.x5t#S256) and none was presented")
+		case subtle.ConstantTimeCompare([]byte(b.CertThumbprint), []byte(x5t)) != 1:
+			return nil, false, invalidToken("cert_mismatch", "the client certificate is not the one the token is bound to (cnf.x5t#S256)")
+		}
+	}
+	return members, false, nil
 }
 
 // typMatches compares a JOSE typ with an expected media type, ignoring case

@@ -104,7 +104,7 @@ func TestVerifyRefuses(t *testing.T) {
 		{"DPoP-bound (cnf.jkt) as bearer", idp.Token(rsaKid, claims{"cnf": map[string]any{"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}}), "sender_constrained"},
 		{"mTLS-bound (cnf.x5t#S256) as bearer", idp.Token(rsaKid, claims{"cnf": map[string]any{"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"}}), "sender_constrained"},
 		{"cnf with an unknown member", idp.Token(rsaKid, claims{"cnf": map[string]any{"jwk": map[string]any{"kty": "EC"}}}), "bad_cnf"},
-		{"empty cnf", idp.Token(rsaKid, claims{"cnf": map[string]any{}}), "sender_constrained"},
+		{"empty cnf", idp.Token(rsaKid, claims{"cnf": map[string]any{}}), "bad_cnf"}, // no binding to check: refused, never a bearer token
 		{"cnf not an object", idp.Token(rsaKid, claims{"cnf": "x"}), "bad_cnf"},
 	}
 	for _, tc := range cases {
