@@ -42,10 +42,17 @@ type App struct {
 	// instance sharing that storage sign with the same key and kid.
 	SigningKeyFile string `json:"signing_key_file,omitempty"`
 
-	// KeyRotation is accepted for forward compatibility with the design's
-	// Caddyfile; keys are not rotated automatically yet, and a warning at
-	// provision says so.
+	// KeyRotation is the interval between new signing keys (0: the key
+	// never rotates). A new key is published key_publish_ahead before it
+	// signs, and a retired key stays published until the last token it
+	// signed has expired. Every instance sharing the storage follows the
+	// same key set. Not with signing_key_file.
 	KeyRotation caddy.Duration `json:"key_rotation,omitempty"`
+
+	// KeyPublishAhead is how long a new key is published before it signs
+	// (default 1h): longer than any verifier caches the JWKS, and at least
+	// the max_age the token_exchange_jwks handler serves.
+	KeyPublishAhead caddy.Duration `json:"key_publish_ahead,omitempty"`
 
 	// ScopesSupported is what the RFC 8414 metadata publishes as
 	// scopes_supported. Default: nothing, so the metadata never discloses
@@ -102,10 +109,9 @@ type App struct {
 	clients *exchange.Clients
 	logger  *zap.Logger
 
-	// for Start: where the generated signing key is kept
-	ctx        context.Context
-	storage    exchange.KeyStorage
-	signingAlg string
+	// for Start: the signing key set in storage (nil with signing_key_file)
+	ctx  context.Context
+	keys *exchange.KeySet
 }
 
 // TrustedIssuer is one issuer of subject tokens.
@@ -290,12 +296,16 @@ func (a *App) Provision(ctx caddy.Context) error {
 	// `caddy validate` and `adapt` provision too.
 	var signer *exchange.Signer
 	if a.SigningKeyFile != "" {
+		if a.KeyRotation > 0 {
+			_ = trust.Close()
+			return errors.New("token_exchange: key_rotation cannot rotate a signing_key_file: remove one of them")
+		}
 		if signer, err = exchange.SignerFromFile(a.SigningKeyFile, alg); err != nil {
 			_ = trust.Close()
 			return fmt.Errorf("token_exchange: %w", err)
 		}
 	}
-	a.signingAlg, a.storage, a.ctx = alg, ctx.Storage(), ctx
+	a.ctx = ctx
 
 	a.engine, err = exchange.NewEngine(exchange.EngineConfig{
 		Issuer:        a.Issuer,
@@ -351,9 +361,22 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
 
-	if a.KeyRotation > 0 {
-		a.logger.Warn("key_rotation is accepted but signing keys are not rotated yet: the same key signs until it is replaced by hand",
-			zap.Duration("key_rotation", time.Duration(a.KeyRotation)))
+	if signer == nil {
+		// The issuer's key set in storage, shared by every instance of the
+		// cluster; nothing is read or written until Start.
+		ahead := a.publishAhead()
+		a.keys, err = exchange.NewKeySet(exchange.KeySetConfig{
+			Issuer: a.Issuer, Alg: alg,
+			Rotation: time.Duration(a.KeyRotation), PublishAhead: ahead,
+			TokenLifetime: a.engine.TokenLifetime(), ClockSkew: time.Duration(a.ClockSkew),
+			Storage: ctx.Storage(), Logger: a.logger,
+			Recheck:  min(time.Minute, ahead/4),
+			OnChange: a.engine.SetSigner,
+		})
+		if err != nil {
+			_ = trust.Close()
+			return fmt.Errorf("token_exchange: %w", err)
+		}
 	}
 	return nil
 }
@@ -363,13 +386,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 // provision.
 func (a *App) Start() error {
 	signer := a.engine.Signer()
-	if signer == nil {
+	if a.keys != nil {
 		var err error
-		signer, err = exchange.LoadOrCreateSigner(a.ctx, a.storage, a.signingAlg)
-		if err != nil {
+		if signer, err = a.keys.Start(a.ctx); err != nil {
 			return fmt.Errorf("token_exchange: %w", err)
 		}
-		a.engine.SetSigner(signer)
 	}
 	a.logger.Info("token exchange ready",
 		zap.String("issuer", a.Issuer),
@@ -397,7 +418,12 @@ func idTokenClaimsConfig(v []string) ([]string, error) {
 }
 
 // Stop implements caddy.App.
-func (a *App) Stop() error { return nil }
+func (a *App) Stop() error {
+	if a.keys != nil {
+		a.keys.Stop()
+	}
+	return nil
+}
 
 // Cleanup stops the JWKS refreshers of this config.
 func (a *App) Cleanup() error {
@@ -409,6 +435,14 @@ func (a *App) Cleanup() error {
 		errs = append(errs, a.trust.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// publishAhead is key_publish_ahead with its default.
+func (a *App) publishAhead() time.Duration {
+	if a.KeyPublishAhead > 0 {
+		return time.Duration(a.KeyPublishAhead)
+	}
+	return exchange.DefaultKeyPublishAhead
 }
 
 // Engine is the shared exchange engine.

@@ -34,6 +34,7 @@ func init() {
 //	    signing_alg ES256|ES384|EdDSA|RS256|PS256
 //	    signing_key_file <path>
 //	    key_rotation <duration>
+//	    key_publish_ahead <duration>
 //	    token_lifetime <duration>
 //	    clock_skew <duration>
 //	    max_token_size <bytes>
@@ -115,6 +116,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &a.SigningKeyFile)
 		case "key_rotation":
 			err = durationArg(d, &a.KeyRotation)
+		case "key_publish_ahead":
+			err = durationArg(d, &a.KeyPublishAhead)
 		case "token_lifetime":
 			err = durationArg(d, &a.TokenLifetime)
 		case "clock_skew":

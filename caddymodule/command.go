@@ -30,7 +30,7 @@ Tools for caddy-token-exchange.
           would: for demos and tests only.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
-			cmd.AddCommand(keygenCommand(), mintCommand())
+			cmd.AddCommand(keygenCommand(), mintCommand(), rotateCommand())
 		},
 	})
 }

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"fmt"
 	"net/http"
 	"strconv"
 	"time"
@@ -42,6 +43,12 @@ func (h *JWKSHandler) Provision(ctx caddy.Context) error {
 	h.engine = app.Engine()
 	if h.MaxAge == 0 {
 		h.MaxAge = caddy.Duration(5 * time.Minute)
+	}
+	// A verifier may keep this JWKS max_age long: a key must be published
+	// at least that long before it signs.
+	if ahead := app.publishAhead(); app.KeyRotation > 0 && time.Duration(h.MaxAge) > ahead {
+		return fmt.Errorf("token_exchange_jwks: max_age %s is longer than key_publish_ahead %s: verifiers caching the JWKS that long would miss a new key",
+			time.Duration(h.MaxAge), ahead)
 	}
 	return nil
 }

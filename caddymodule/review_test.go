@@ -126,19 +126,7 @@ func (g *reviewGateway) send(t *testing.T, method, path string, headers map[stri
 }
 
 func TestReviewAuditTrail(t *testing.T) {
-	g := startReviewGateway(t, "key_rotation 720h\n\t\tscopes_supported orders.read")
-
-	t.Run("key_rotation warns that keys do not rotate yet", func(t *testing.T) {
-		var found bool
-		for _, l := range logLines(t, g.logFile, "") {
-			if msg, _ := l["msg"].(string); l["level"] == "warn" && strings.Contains(msg, "key_rotation") && strings.Contains(msg, "not rotated") {
-				found = true
-			}
-		}
-		if !found {
-			t.Error("no warning that key_rotation does nothing yet")
-		}
-	})
+	g := startReviewGateway(t, "scopes_supported orders.read")
 
 	t.Run("policy refusal: the client is not told the rule, the log is", func(t *testing.T) {
 		tok := g.idp.Token("ec-1", testidp.Claims{"sub": "mallory", "scope": "orders.read"})

@@ -94,6 +94,9 @@ func (e *Engine) Actor() Actor { return Actor{Subject: e.cfg.Actor} }
 // Signer is the engine's signer; nil until one is set.
 func (e *Engine) Signer() *Signer { return e.signer.Load() }
 
+// TokenLifetime is the longest a minted token lives.
+func (e *Engine) TokenLifetime() time.Duration { return e.cfg.TokenLifetime }
+
 // SetSigner sets (or replaces) the key minted tokens are signed with.
 func (e *Engine) SetSigner(s *Signer) { e.signer.Store(s) }
 
