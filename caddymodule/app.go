@@ -355,6 +355,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Logger:               a.logger,
 		OnFetch:              onFetch,
 		KeySources:           jwksSources{},
+		// A jti used at one instance is refused at every instance sharing
+		// this storage.
+		ReplayStorage: ctx.Storage(),
 	})
 	if err != nil {
 		_ = trust.Close()

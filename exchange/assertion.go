@@ -132,6 +132,17 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 		return nil, &Error{Kind: KindUnavailable, Reason: "replay_cache_full",
 			Description: "too many client assertions of this client in flight; retry later", RetryAfter: replayFullRetryAfter}
 	}
+	// The same jti at every other instance of the cluster, through the
+	// shared storage: an unreachable storage fails closed.
+	if c.shared != nil {
+		switch err := c.shared.record(ctx, sub, jti, until.Add(c.skew), now); {
+		case errors.Is(err, errReplayed):
+			return nil, clientError("assertion_replayed", "client_assertion jti was already used")
+		case err != nil:
+			return nil, &Error{Kind: KindUnavailable, Reason: "replay_storage",
+				Description: "the replay records cannot be checked; retry later", RetryAfter: 5 * time.Second, Err: err}
+		}
+	}
 	return &AuthenticatedClient{ClientID: sub, Method: ClientAuthPrivateKeyJWT, Config: rc.cfg}, nil
 }
 

@@ -130,6 +130,10 @@ type ClientOptions struct {
 	// new assertions are refused (KindUnavailable) rather than a record
 	// evicted early; other clients are not affected.
 	MaxReplayEntries int
+	// ReplayStorage, if set, also records every accepted assertion's jti in
+	// a storage shared by the cluster, so a jti used at one instance is
+	// refused at every other. Unreachable storage fails closed (503).
+	ReplayStorage ReplayStorage
 	// MaxConcurrentSecretChecks bounds the bcrypt comparisons running at
 	// once (default: half the CPUs, at least one), so a flood of wrong
 	// secrets or unknown client_ids cannot take every core.
@@ -182,6 +186,7 @@ type Clients struct {
 
 	secrets *secretCache
 	replay  *replayCache
+	shared  *storageReplay // cluster-wide jti records (nil: this instance only)
 
 	dummyOnce sync.Once
 	dummyHash []byte
@@ -251,6 +256,9 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 		return nil, err
 	}
 	c.replay = newReplayCache(maxReplay)
+	if opts.ReplayStorage != nil {
+		c.shared = &storageReplay{storage: opts.ReplayStorage, logger: c.logger}
+	}
 
 	c.sources = newKeySources(opts.KeySources, KeySourceConfig{
 		FetchTimeout: opts.FetchTimeout, HTTPClient: opts.HTTPClient, Now: c.now,
