@@ -373,8 +373,15 @@ func (a *App) Provision(ctx caddy.Context) error {
 			Rotation: time.Duration(a.KeyRotation), PublishAhead: ahead,
 			TokenLifetime: a.engine.TokenLifetime(), ClockSkew: time.Duration(a.ClockSkew),
 			Storage: ctx.Storage(), Logger: a.logger,
-			Recheck:  min(time.Minute, ahead/4),
-			OnChange: a.engine.SetSigner,
+			Recheck: min(time.Minute, ahead/4),
+			OnChange: func(s *exchange.Signer) {
+				if prev := a.engine.Signer(); prev != nil && prev.KeyID() != s.KeyID() {
+					metrics.keyChanges.Inc()
+				}
+				metrics.keySince.Set(float64(s.SigningSince().Unix()))
+				a.engine.SetSigner(s)
+			},
+			OnError: func(error) { metrics.keyStorageErrors.Inc() },
 		})
 		if err != nil {
 			_ = trust.Close()

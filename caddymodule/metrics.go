@@ -21,6 +21,10 @@ var metrics = struct {
 	endpoint    *prometheus.CounterVec
 	// introspections counts RFC 7662 calls to an issuer.
 	introspections *prometheus.CounterVec
+	// keyChanges, keySince and keyStorageErrors follow the signing key set.
+	keyChanges       prometheus.Counter
+	keySince         prometheus.Gauge
+	keyStorageErrors prometheus.Counter
 }{}
 
 // Outcomes of an exchange, as counted.
@@ -60,8 +64,21 @@ func registerMetrics(registry *prometheus.Registry) error {
 			Namespace: ns, Subsystem: sub, Name: "introspections_total",
 			Help: "RFC 7662 introspection requests to a trusted issuer, by issuer and result (active, inactive, error); cache hits are not counted.",
 		}, []string{"issuer", "result"})
+		metrics.keyChanges = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "signing_key_changes_total",
+			Help: "Times this instance started signing with another key (rotations it followed).",
+		})
+		metrics.keySince = prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: ns, Subsystem: sub, Name: "signing_key_since_timestamp_seconds",
+			Help: "When the key this instance signs with started signing (Unix time); its age is time() minus this.",
+		})
+		metrics.keyStorageErrors = prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "key_storage_errors_total",
+			Help: "Failed reads or writes of the signing key set in storage (each retried with backoff).",
+		})
 	})
-	for _, c := range []prometheus.Collector{metrics.exchanges, metrics.duration, metrics.cache, metrics.jwksFetches, metrics.endpoint, metrics.introspections} {
+	for _, c := range []prometheus.Collector{metrics.exchanges, metrics.duration, metrics.cache, metrics.jwksFetches, metrics.endpoint, metrics.introspections,
+		metrics.keyChanges, metrics.keySince, metrics.keyStorageErrors} {
 		if err := registry.Register(c); err != nil {
 			var already prometheus.AlreadyRegisteredError
 			if !errors.As(err, &already) {

@@ -103,6 +103,18 @@ func TestKeyRotationThroughCaddy(t *testing.T) {
 	if failures != 0 {
 		t.Errorf("%d of %d tokens did not verify against a JWKS cached for its max_age", failures, minted)
 	}
+	resp, err := tester.Client.Get(fmt.Sprintf("http://localhost:%d/metrics", adminPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if v := metricValue(string(body), "caddy_token_exchange_signing_key_changes_total"); v < 1 {
+		t.Errorf("signing_key_changes_total %v after rotations", v)
+	}
+	if v := metricValue(string(body), "caddy_token_exchange_signing_key_since_timestamp_seconds"); v < float64(time.Now().Add(-time.Minute).Unix()) {
+		t.Errorf("signing_key_since_timestamp_seconds %v", v)
+	}
 }
 
 // mintThrough sends tok through the middleware and returns the minted

@@ -167,6 +167,7 @@ type cacheShape struct {
 	actChain              map[string]any
 	subjectIssuer         string
 	issuer, keyThumbprint string
+	signerKID             string
 	// The locations of IssuedAt, Expiry and SubjectExpiry.
 	iatLoc, expLoc, subExpLoc *time.Location
 }
@@ -496,6 +497,7 @@ func (e *cacheEntry) materialize() *CachedToken {
 		SubjectIssuer:    sh.subjectIssuer,
 		SubjectTokenHash: e.buf[jtiEnd:],
 		ActChain:         sh.actChain,
+		SignerKID:        sh.signerKID,
 	}
 	p.t = CachedToken{
 		Minted:        &p.m,
@@ -520,6 +522,7 @@ func (c *Cache) shape(t *CachedToken) *cacheShape {
 	kw.str(m.SubjectIssuer)
 	kw.str(t.Issuer)
 	kw.str(t.KeyThumbprint)
+	kw.str(m.SignerKID)
 	kw.b = fmt.Appendf(kw.b, "%p %p %p ", iatLoc, expLoc, subExpLoc)
 	intern := true
 	if m.ActChain == nil {
@@ -546,6 +549,7 @@ func (c *Cache) shape(t *CachedToken) *cacheShape {
 		subjectIssuer: m.SubjectIssuer,
 		issuer:        t.Issuer,
 		keyThumbprint: t.KeyThumbprint,
+		signerKID:     m.SignerKID,
 		iatLoc:        iatLoc,
 		expLoc:        expLoc,
 		subExpLoc:     subExpLoc,

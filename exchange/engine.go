@@ -229,6 +229,8 @@ type Minted struct {
 	ActChain map[string]any
 	// Cached tells that this result came from the minted-token cache.
 	Cached bool
+	// SignerKID is the kid of the gateway key that signed Token.
+	SignerKID string
 	// Confirmation is the minted token's cnf (nil: not bound).
 	Confirmation map[string]string
 	// Unbound tells that the subject token was bound (cnf) and accepted
@@ -281,7 +283,9 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 		return &CachedToken{Minted: m, Issuer: subject.Issuer, KeyThumbprint: subject.KeyThumbprint, SubjectExpiry: subject.Expiry}, nil
 	}
 	ct, hit, err := e.cache.GetOrMint(key, mintEntry)
-	if err == nil && hit && !e.trust.hasKey(ct.Issuer, ct.KeyThumbprint) {
+	// A token signed by a key the gateway no longer publishes (a rotation
+	// with --now withdrew it) would fail upstream: mint anew.
+	if err == nil && hit && (!e.trust.hasKey(ct.Issuer, ct.KeyThumbprint) || !e.signer.Load().Publishes(ct.Minted.SignerKID)) {
 		e.cache.Delete(key)
 		ct, hit, err = e.cache.GetOrMint(key, mintEntry)
 	}
@@ -416,11 +420,13 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		return nil, &Error{Kind: KindUnavailable, Reason: "no_signing_key", Description: "the signing key is not loaded yet; retry later", RetryAfter: time.Second}
 	}
 	signed, err := signer.SignPayload(payload)
+	signerKID := signer.KeyID()
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "signing", Description: "internal error", Err: err}
 	}
 	return &Minted{
 		Token:            signed,
+		SignerKID:        signerKID,
 		Subject:          subject.Subject,
 		Actor:            actor,
 		Audiences:        grant.Audiences,

@@ -58,8 +58,11 @@ type KeySetConfig struct {
 	// OnChange is told of every new signer (the key that signs and the keys
 	// published next to it). It is called before Start returns.
 	OnChange func(*Signer)
-	Now      func() time.Time
-	Logger   *zap.Logger
+	// OnError, if set, is told of every failed read or write of the key
+	// set in storage (for metrics); each is retried.
+	OnError func(error)
+	Now     func() time.Time
+	Logger  *zap.Logger
 }
 
 // KeySet keeps the cluster's signing keys in storage and follows them.
@@ -229,6 +232,9 @@ func (ks *KeySet) loop(ctx context.Context, next time.Time, step func(context.Co
 		if err != nil {
 			if ctx.Err() != nil {
 				return
+			}
+			if ks.cfg.OnError != nil {
+				ks.cfg.OnError(err)
 			}
 			backoff = min(max(2*backoff, time.Second), ks.cfg.Recheck)
 			ks.cfg.Logger.Error("the signing key set could not be read or updated; the current key keeps signing, retrying",
@@ -578,6 +584,7 @@ func signerOf(cur storedKey, others []storedKey) (*Signer, error) {
 	if err != nil {
 		return nil, err
 	}
+	s.since = time.Unix(cur.SignFrom, 0)
 	for _, o := range others {
 		k, err := jwk.ParseKey(o.Key)
 		if err != nil {

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/big"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -287,5 +289,97 @@ func TestKeySetClusterRotationUnderLoad(t *testing.T) {
 	}
 	if failures.Load() != 0 {
 		t.Errorf("%d of %d verifications failed", failures.Load(), requests.Load())
+	}
+}
+
+// TestCacheHonoursWithdrawnSigningKey: a cached exchange whose token was
+// signed by a key the gateway no longer publishes (rotate --now) is minted
+// anew; one whose key is still published (a scheduled rotation) is reused.
+func TestCacheHonoursWithdrawnSigningKey(t *testing.T) {
+	f := newEngineFixture(t, "ES256")
+	tok := f.idp.Token(f.kid, claims{"scope": "orders.read"})
+	grant, err := NewGrant(Grant{Audiences: []string{"https://orders.internal"}, Scopes: []string{"orders.read"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := f.engine.ExchangeBearer(context.Background(), tok, grant, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	storage := &certmagic.FileStorage{Path: t.TempDir()}
+	clock := &fakeClock{t: time.Now()}
+	ks := newTestKeySet(t, storage, clock.now, 0, time.Minute)
+	if _, err := ks.sync(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	// A new signer that also publishes the old key: the cache still serves.
+	withOld, err := signerOf(storedKeyOf(t, ks), []storedKey{{KID: f.signer.KeyID(), Alg: "ES256", Key: privateJWK(t, f.signer)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.engine.SetSigner(withOld)
+	again, err := f.engine.ExchangeBearer(context.Background(), tok, grant, nil)
+	if err != nil || !again.Cached || again.JTI != first.JTI {
+		t.Fatalf("old key still published: cached=%v err=%v", again != nil && again.Cached, err)
+	}
+	// The old key withdrawn: minted anew with the new key.
+	f.engine.SetSigner(ks.Signer())
+	fresh, err := f.engine.ExchangeBearer(context.Background(), tok, grant, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fresh.Cached || fresh.JTI == first.JTI || fresh.SignerKID != ks.Signer().KeyID() {
+		t.Fatalf("served a token signed by a withdrawn key: cached=%v kid=%s", fresh.Cached, fresh.SignerKID)
+	}
+}
+
+func storedKeyOf(t *testing.T, ks *KeySet) storedKey {
+	t.Helper()
+	doc, err := ks.load(context.Background())
+	if err != nil || doc == nil || len(doc.Keys) != 1 {
+		t.Fatalf("key set %v: %v", doc, err)
+	}
+	return doc.Keys[0]
+}
+
+func privateJWK(t *testing.T, s *Signer) json.RawMessage {
+	t.Helper()
+	k, err := jwk.Import(s.private)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// TestKeySetStaleLockDoesNotStopOthers: an instance killed while holding
+// the key set's lock leaves a lock file behind; once it is stale, the next
+// instance proceeds.
+func TestKeySetStaleLockDoesNotStopOthers(t *testing.T) {
+	dir := t.TempDir()
+	storage := &certmagic.FileStorage{Path: dir}
+	name := KeySetStorageKey("https://gateway.test")
+	lockFile := filepath.Join(dir, "locks", certmagic.StorageKeys.Safe(name)+".lock")
+	if err := os.MkdirAll(filepath.Dir(lockFile), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	dead := time.Now().Add(-time.Minute)
+	meta, _ := json.Marshal(map[string]any{"created": dead, "updated": dead})
+	if err := os.WriteFile(lockFile, meta, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ks := newTestKeySet(t, storage, time.Now, 0, time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := ks.Start(ctx)
+	if err != nil {
+		t.Fatalf("a stale lock stopped the key set: %v", err)
+	}
+	defer ks.Stop()
+	if s.KeyID() == "" {
+		t.Fatal("no signing key")
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwa"
 	"github.com/lestrrat-go/jwx/v3/jwk"
@@ -44,7 +45,12 @@ type Signer struct {
 	jwks    []byte
 	// publishedKIDs are the other keys published beside it (sorted).
 	publishedKIDs []string
+	// since is when the key started signing (zero: unknown, a key file).
+	since time.Time
 }
+
+// SigningSince is when the key started signing; zero for a key file.
+func (s *Signer) SigningSince() time.Time { return s.since }
 
 // CheckSigningAlgorithm tells whether the gateway can mint with alg.
 func CheckSigningAlgorithm(alg string) error {
@@ -209,6 +215,15 @@ func LoadOrCreateSigner(ctx context.Context, storage KeyStorage, alg string) (*S
 		return nil, fmt.Errorf("storing signing key: %w", err)
 	}
 	return NewSigner(key, alg)
+}
+
+// Publishes tells whether kid is among the keys this signer's JWKS
+// publishes (its own or one published beside it). Nil-safe.
+func (s *Signer) Publishes(kid string) bool {
+	if s == nil {
+		return false
+	}
+	return kid == s.kid || slices.Contains(s.publishedKIDs, kid)
 }
 
 // Algorithm is the signing algorithm.
