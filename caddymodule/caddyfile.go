@@ -371,6 +371,7 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    claims <claim...>
 //	    mode delegation|impersonation
 //	    realm <realm>
+//	    bind_upstream_certificate <cert.pem>
 //	    dpop optional|required {
 //	        algorithms <alg...>
 //	        max_age <duration>
@@ -415,6 +416,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "realm":
 			err = oneArg(d, &h.Realm)
+		case "bind_upstream_certificate":
+			err = oneArg(d, &h.BindUpstreamCertificate)
 		case "dpop":
 			h.DPoP, err = parseDPoP(d, true)
 		default:

@@ -1,8 +1,12 @@
 package caddymodule
 
 import (
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"runtime/debug"
 	"strings"
 	"time"
@@ -43,6 +47,12 @@ type Handler struct {
 	Policy
 	// DPoP, when set, accepts DPoP-bound tokens with DPoP proofs (RFC 9449).
 	DPoP *DPoPOptions `json:"dpop,omitempty"`
+	// BindUpstreamCertificate is a PEM certificate: the one the route's
+	// reverse_proxy presents to the upstream (tls_client_auth). Minted
+	// tokens are bound to it (cnf.x5t#S256, RFC 8705), so an upstream that
+	// requires certificate-bound tokens accepts only tokens that came
+	// through this gateway's connection.
+	BindUpstreamCertificate string `json:"bind_upstream_certificate,omitempty"`
 
 	engine     *exchange.Engine
 	grant      exchange.Grant
@@ -80,13 +90,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
+	var bind string
+	if h.BindUpstreamCertificate != "" {
+		if bind, err = certFileThumbprint(h.BindUpstreamCertificate); err != nil {
+			return fmt.Errorf("token_exchange: bind_upstream_certificate: %w", err)
+		}
+	}
 	h.grant = exchange.Grant{
-		Audiences:     h.Audiences,
-		Scopes:        h.Scopes,
-		RequireScopes: h.RequireScopes,
-		Claims:        h.Claims,
-		Impersonate:   h.Mode == "impersonation",
-		Rules:         rules,
+		BindCertThumbprint: bind,
+		Audiences:          h.Audiences,
+		Scopes:             h.Scopes,
+		RequireScopes:      h.RequireScopes,
+		Claims:             h.Claims,
+		Impersonate:        h.Mode == "impersonation",
+		Rules:              rules,
 	}
 	// Metrics name a route by its first audience: configured, so bounded.
 	if len(h.Audiences) > 0 {
@@ -288,3 +305,27 @@ var (
 	_ caddy.Validator             = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
+
+// certFileThumbprint is the RFC 8705 x5t#S256 of the first certificate in a
+// PEM file.
+func certFileThumbprint(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	for {
+		var block *pem.Block
+		block, data = pem.Decode(data)
+		if block == nil {
+			return "", errors.New("no PEM certificate in the file")
+		}
+		if block.Type != "CERTIFICATE" {
+			continue
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return "", err
+		}
+		return exchange.CertThumbprint(cert), nil
+	}
+}

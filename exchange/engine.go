@@ -117,6 +117,11 @@ type Grant struct {
 	ClientID string
 	// Rules are the grant's CEL policy (nil: none).
 	Rules *Rules
+	// BindCertThumbprint, when set, binds every minted token to the client
+	// certificate the gateway presents upstream (RFC 8705 cnf.x5t#S256), so
+	// an upstream that requires certificate-bound tokens accepts only tokens
+	// that came through this gateway.
+	BindCertThumbprint string
 
 	// cacheID names everything above that shapes a minted token; empty
 	// means the grant's results are not cacheable. Set by Validate.
@@ -206,6 +211,7 @@ func (g *Grant) identity() string {
 	part("claims", g.Claims...)
 	part("impersonate", fmt.Sprint(g.Impersonate))
 	part("client", g.ClientID)
+	part("bind", g.BindCertThumbprint)
 	if g.Rules != nil {
 		part("rules", g.Rules.fingerprint()...)
 	}
@@ -375,10 +381,14 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
 	}
 
+	confirm := in.Confirmation
+	if confirm == nil && grant.BindCertThumbprint != "" {
+		confirm = map[string]string{"x5t#S256": grant.BindCertThumbprint}
+	}
 	claims := mintedClaims{
 		Iss: e.cfg.Issuer, Sub: subject.Subject, Aud: grant.Audiences,
 		Exp: exp.Unix(), Iat: now.Unix(), Nbf: now.Unix(), Jti: jti,
-		Scope: FormatScope(scopes), ClientID: grant.ClientID, Cnf: in.Confirmation,
+		Scope: FormatScope(scopes), ClientID: grant.ClientID, Cnf: confirm,
 	}
 	if claims.ClientID == "" {
 		claims.ClientID = subject.ClientID
@@ -437,7 +447,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		SubjectIssuer:    subject.Issuer,
 		SubjectTokenHash: subject.TokenHash,
 		ActChain:         act,
-		Confirmation:     in.Confirmation,
+		Confirmation:     confirm,
 	}, nil
 }
 
