@@ -372,6 +372,13 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    mode delegation|impersonation
 //	    realm <realm>
 //	    bind_upstream_certificate <cert.pem>
+//	    sts <token-endpoint> {
+//	        client_id <id>
+//	        client_secret <secret>
+//	        auth_method client_secret_basic|client_secret_post
+//	        timeout <duration>
+//	        retries <n>
+//	    }
 //	    dpop optional|required {
 //	        algorithms <alg...>
 //	        max_age <duration>
@@ -418,6 +425,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &h.Realm)
 		case "bind_upstream_certificate":
 			err = oneArg(d, &h.BindUpstreamCertificate)
+		case "sts":
+			h.STS = new(RemoteSTS)
+			err = h.STS.unmarshalCaddyfile(d)
 		case "dpop":
 			h.DPoP, err = parseDPoP(d, true)
 		default:

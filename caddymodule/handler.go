@@ -53,8 +53,12 @@ type Handler struct {
 	// requires certificate-bound tokens accepts only tokens that came
 	// through this gateway's connection.
 	BindUpstreamCertificate string `json:"bind_upstream_certificate,omitempty"`
+	// STS, when set, exchanges at another Security Token Service (RFC
+	// 8693) instead of minting in-process.
+	STS *RemoteSTS `json:"sts,omitempty"`
 
 	engine     *exchange.Engine
+	remote     *exchange.RemoteSTS
 	grant      exchange.Grant
 	gate       *exchange.BearerGate
 	routeLabel string
@@ -114,6 +118,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.DPoP != nil {
 		h.gate.Challenge = h.DPoP.setChallenges
+	}
+	if err := h.provisionSTS(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
 	}
 	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)
 	h.hitCount = metrics.cache.WithLabelValues("hit")
@@ -237,6 +244,15 @@ func (h *Handler) admit(w http.ResponseWriter, r *http.Request) (a exchange.Admi
 			a.Token = raw // for the panic log
 			start := time.Now()
 			defer func() { h.duration.Observe(time.Since(start).Seconds()) }()
+			if h.remote != nil {
+				// Verified here first: a token the gateway does not trust
+				// never leaves it.
+				subject, err := h.engine.VerifyPresented(r.Context(), raw, binding)
+				if err != nil {
+					return nil, err
+				}
+				return h.remote.Exchange(r.Context(), raw, subject)
+			}
 			return h.engine.ExchangePresented(r.Context(), raw, binding, &h.grant, info)
 		},
 		Accepted: func() *exchange.Error { return h.useProof(w, proven) },

@@ -168,6 +168,9 @@ func BearerStatus(e *Error) (status int, code string) {
 	case KindServer:
 		return http.StatusInternalServerError, ""
 	case KindUnavailable:
+		if e.Status != 0 {
+			return e.Status, "" // 502: a dependency rejected the gateway itself
+		}
 		return http.StatusServiceUnavailable, ""
 	case KindInvalidDPoPProof:
 		return http.StatusUnauthorized, "invalid_dpop_proof"
@@ -187,7 +190,7 @@ func (g *BearerGate) Refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	case http.StatusInternalServerError:
 		w.WriteHeader(status)
 		return
-	case http.StatusServiceUnavailable:
+	case http.StatusServiceUnavailable, http.StatusBadGateway:
 		SetRetryAfter(w, e)
 		w.WriteHeader(status)
 		return

@@ -36,7 +36,7 @@ const (
 )
 
 // bcryptHash hashes a secret at the lowest cost, to keep tests fast.
-func bcryptHash(t *testing.T, secret string) string {
+func bcryptHash(t testing.TB, secret string) string {
 	t.Helper()
 	h, err := bcrypt.GenerateFromPassword([]byte(secret), bcrypt.MinCost)
 	if err != nil {

@@ -305,6 +305,12 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 	return ct.Minted, nil
 }
 
+// VerifyPresented checks a bearer access token with what its request
+// proved (nil: nothing), as the middleware does before an exchange.
+func (e *Engine) VerifyPresented(ctx context.Context, raw string, binding *Binding) (*Subject, error) {
+	return e.trust.Verify(ctx, raw, VerifyOptions{TokenType: "access_token", MaxActDepth: e.cfg.MaxActDepth, Binding: binding})
+}
+
 // Verify checks an inbound token presented as tokenType (a short name).
 func (e *Engine) Verify(ctx context.Context, raw, tokenType string) (*Subject, error) {
 	return e.VerifyBound(ctx, raw, tokenType, nil)
