@@ -101,6 +101,10 @@ type App struct {
 	// Trust lists the issuers whose tokens are accepted as subject tokens.
 	Trust []TrustedIssuer `json:"trust,omitempty"`
 
+	// TrustSAML lists the SAML 2.0 identity providers whose assertions the
+	// token endpoint accepts as subject tokens.
+	TrustSAML []TrustedSAMLIssuer `json:"trust_saml,omitempty"`
+
 	// Clients are the clients of the RFC 8693 token endpoint.
 	Clients []Client `json:"clients,omitempty"`
 
@@ -274,8 +278,21 @@ func (a *App) Provision(ctx caddy.Context) error {
 		}
 		metrics.jwksFetches.WithLabelValues(name, result).Inc()
 	}
+	samlRecipient := a.TokenEndpoint
+	if samlRecipient == "" {
+		samlRecipient = strings.TrimSuffix(a.Issuer, "/") + "/oauth2/token"
+	}
+	var samlIssuers []exchange.SAMLIssuerConfig
+	for _, s := range a.TrustSAML {
+		cfg, err := s.config(samlRecipient)
+		if err != nil {
+			return fmt.Errorf("token_exchange: %w", err)
+		}
+		samlIssuers = append(samlIssuers, cfg)
+	}
 	trust, err := exchange.NewTrustStore(ctx, exchange.TrustConfig{
 		Issuers:      issuers,
+		SAML:         samlIssuers,
 		ClockSkew:    time.Duration(a.ClockSkew),
 		MaxTokenSize: a.MaxTokenSize,
 		FetchTimeout: time.Duration(a.JWKSFetchTimeout),

@@ -151,6 +151,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = intArg(d, &a.MaxTokenSize)
 		case "max_act_depth":
 			err = intArg(d, &a.MaxActDepth)
+		case "trust_saml":
+			var t TrustedSAMLIssuer
+			if err := t.unmarshalCaddyfile(d); err != nil {
+				return err
+			}
+			a.TrustSAML = append(a.TrustSAML, t)
 		case "trust":
 			var t TrustedIssuer
 			if err := t.unmarshalCaddyfile(d); err != nil {

@@ -72,6 +72,9 @@ http://localhost:%d {
 	tester.InitServer(config, "caddyfile")
 	g := &gateway{tester: tester, idp: idp, upstream: up, logFile: logFile}
 
+	// The counters are process-wide: count from here.
+	okSeries := `caddy_token_exchange_endpoint_requests_total{outcome="ok"}`
+	base := metricValue(g.metrics(t), okSeries)
 	tok := idp.Token("ec-1", testidp.Claims{"scope": "orders.read orders.write"})
 	for i := 0; i < 2; i++ {
 		if resp := g.get(t, "/api/orders", map[string]string{"Authorization": "Bearer " + tok}); resp.StatusCode != http.StatusOK {
@@ -90,7 +93,7 @@ http://localhost:%d {
 		t.Errorf("act %v: the token is not the STS's exchange for the gateway's client", act)
 	}
 	m := g.metrics(t)
-	if n := metricValue(m, `caddy_token_exchange_endpoint_requests_total{outcome="ok"}`); n != 1 {
+	if n := metricValue(m, okSeries) - base; n != 1 {
 		t.Errorf("the STS was called %v times for two requests with one token, want 1 (cache)", n)
 	}
 	// An untrusted token never reaches the STS.
@@ -99,7 +102,7 @@ http://localhost:%d {
 	if resp := g.get(t, "/api/orders", map[string]string{"Authorization": "Bearer " + evil.Token("ec-1", nil)}); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("untrusted token: %d", resp.StatusCode)
 	}
-	if n := metricValue(g.metrics(t), `caddy_token_exchange_endpoint_requests_total{outcome="ok"}`); n != 1 {
+	if n := metricValue(g.metrics(t), okSeries) - base; n != 1 {
 		t.Errorf("the STS was called for an untrusted token")
 	}
 	calls := up.calls()

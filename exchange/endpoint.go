@@ -55,8 +55,8 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	switch subjectType {
 	case "refresh_token":
 		return nil, asRequestError(invalidToken("token_type", "refresh tokens are never accepted as subject tokens"))
-	case "saml1", "saml2":
-		return nil, asRequestError(invalidToken("token_type", "SAML subject tokens are not supported"))
+	case "saml1":
+		return nil, asRequestError(invalidToken("token_type", "SAML 1.1 subject tokens are not supported; send a SAML 2.0 assertion (saml2)"))
 	}
 	// Sender constraints: a bound subject token is exchanged only when the
 	// client proves possession (a DPoP proof to this endpoint, the bound
@@ -67,7 +67,13 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	}
 	subjectBinding := proven
 	subjectBinding.AllowUnbound = cfg.AllowUnbinding
-	subject, err := e.VerifyBound(ctx, req.SubjectToken, subjectType, &subjectBinding)
+	var subject *Subject
+	var err error
+	if subjectType == "saml2" {
+		subject, err = e.trust.verifySAML(req.SubjectToken)
+	} else {
+		subject, err = e.VerifyBound(ctx, req.SubjectToken, subjectType, &subjectBinding)
+	}
 	if err != nil {
 		return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
 	}

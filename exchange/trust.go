@@ -115,7 +115,10 @@ type IssuerConfig struct {
 
 // TrustConfig configures a TrustStore.
 type TrustConfig struct {
-	Issuers      []IssuerConfig
+	Issuers []IssuerConfig
+	// SAML are the trusted SAML 2.0 identity providers (subject tokens of
+	// type saml2 at the token endpoint).
+	SAML         []SAMLIssuerConfig
 	ClockSkew    time.Duration
 	MaxTokenSize int
 	// FetchTimeout bounds one JWKS fetch (default DefaultFetchTimeout).
@@ -140,6 +143,7 @@ type TrustConfig struct {
 // tokens against them. Its JWKS sources stay in use until Close.
 type TrustStore struct {
 	issuers      map[string]*trustedIssuer
+	saml         []*samlIssuer
 	clockSkew    time.Duration
 	maxTokenSize int
 	now          func() time.Time
@@ -196,8 +200,20 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 	if ts.logger == nil {
 		ts.logger = zap.NewNop()
 	}
-	if len(cfg.Issuers) == 0 {
+	if len(cfg.Issuers)+len(cfg.SAML) == 0 {
 		return nil, errors.New("no trusted issuer configured")
+	}
+	for _, sc := range cfg.SAML {
+		si, err := newSAMLIssuer(sc)
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range ts.saml {
+			if o.cfg.EntityID == sc.EntityID {
+				return nil, fmt.Errorf("trust_saml %s is configured twice", sc.EntityID)
+			}
+		}
+		ts.saml = append(ts.saml, si)
 	}
 	ts.sources = newKeySources(cfg.KeySources, KeySourceConfig{
 		FetchTimeout: cfg.FetchTimeout, HTTPClient: cfg.HTTPClient, Now: ts.now,
