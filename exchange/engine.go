@@ -114,6 +114,10 @@ type Grant struct {
 	ClientID string
 	// Rules are the grant's CEL policy (nil: none).
 	Rules *Rules
+	// Resource, when set, is the protected resource this grant serves
+	// (RFC 8707, RFC 9728): the subject token's aud must name it, and its
+	// issuer must be trusted for it as an audience.
+	Resource string
 
 	// cacheID names everything above that shapes a minted token; empty
 	// means the grant's results are not cacheable. Set by Validate.
@@ -171,6 +175,11 @@ func (g *Grant) Validate() error {
 			return fmt.Errorf("claim %q is set by the engine and cannot be copied", c)
 		}
 	}
+	if g.Resource != "" {
+		if _, err := CheckResourceURL(g.Resource); err != nil {
+			return err
+		}
+	}
 	for _, s := range g.RequireScopes {
 		if !slices.Contains(g.Scopes, s) {
 			return fmt.Errorf("require_scope %q is not among the scopes this route delegates", s)
@@ -203,6 +212,7 @@ func (g *Grant) identity() string {
 	part("claims", g.Claims...)
 	part("impersonate", fmt.Sprint(g.Impersonate))
 	part("client", g.ClientID)
+	part("resource", g.Resource)
 	if g.Rules != nil {
 		part("rules", g.Rules.fingerprint()...)
 	}
@@ -256,6 +266,9 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 		subject, err := e.trust.Verify(ctx, raw, VerifyOptions{TokenType: "access_token", MaxActDepth: e.cfg.MaxActDepth, Binding: binding})
 		if err != nil {
 			return nil, nil, err
+		}
+		if err := e.trust.checkResource(subject, grant.Resource); err != nil {
+			return nil, nil, withSubject(err, subject)
 		}
 		m, err := e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor(), Request: req}, grant)
 		return m, subject, withSubject(err, subject)
