@@ -101,6 +101,8 @@ type App struct {
 	trust   *exchange.TrustStore
 	clients *exchange.Clients
 	logger  *zap.Logger
+	// the RFC 9728 documents of this config's routes (resource.go)
+	resources *resourceRegistry
 
 	// for Start: where the generated signing key is kept
 	ctx        context.Context

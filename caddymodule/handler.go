@@ -43,6 +43,9 @@ type Handler struct {
 	Policy
 	// DPoP, when set, accepts DPoP-bound tokens with DPoP proofs (RFC 9449).
 	DPoP *DPoPOptions `json:"dpop,omitempty"`
+	// Resource, when set, binds the route to a protected resource (an MCP
+	// server): inbound aud, challenge and RFC 9728 metadata (resource.go).
+	Resource *ResourceOptions `json:"resource,omitempty"`
 
 	engine     *exchange.Engine
 	grant      exchange.Grant
@@ -87,6 +90,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Claims:        h.Claims,
 		Impersonate:   h.Mode == "impersonation",
 		Rules:         rules,
+		Resource:      h.Resource.url(),
 	}
 	// Metrics name a route by its first audience: configured, so bounded.
 	if len(h.Audiences) > 0 {
@@ -97,6 +101,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.DPoP != nil {
 		h.gate.Challenge = h.DPoP.setChallenges
+	}
+	if err := h.Resource.provision(app, h.gate, h.Scopes, h.RequireScopes); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
 	}
 	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)
 	h.hitCount = metrics.cache.WithLabelValues("hit")
