@@ -100,7 +100,6 @@ type seenByUpstream struct {
 	auth      []string
 	sessions  []string
 	methods   []string
-	userAgent []string
 }
 
 func (s *seenByUpstream) wrap(next http.Handler) http.Handler {
