@@ -96,10 +96,10 @@ http://localhost:%d {
 
 // seenByUpstream records what reached an MCP server.
 type seenByUpstream struct {
-	mu        sync.Mutex
-	auth      []string
-	sessions  []string
-	methods   []string
+	mu       sync.Mutex
+	auth     []string
+	sessions []string
+	methods  []string
 }
 
 func (s *seenByUpstream) wrap(next http.Handler) http.Handler {
