@@ -112,6 +112,8 @@ type App struct {
 	trust   *exchange.TrustStore
 	clients *exchange.Clients
 	logger  *zap.Logger
+	// the RFC 9728 documents of this config's routes (resource.go)
+	resources *resourceRegistry
 
 	// for Start: the signing key set in storage (nil with signing_key_file)
 	ctx  context.Context

@@ -391,6 +391,12 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	        nonce
 //	        public_origin <scheme://host[:port]...>
 //	    }
+//	    resource <url> {                 (RFC 9728 / RFC 8707; see resource.go)
+//	        authorization_server <issuer...>
+//	        scopes_supported <scope...>
+//	        resource_name <name>
+//	        resource_documentation <url>
+//	    }
 //	    allow_if <cel-expr>
 //	    deny_if <cel-expr>
 //	    grant <scope...> if <cel-expr>
@@ -436,6 +442,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = h.STS.unmarshalCaddyfile(d)
 		case "dpop":
 			h.DPoP, err = parseDPoP(d, true)
+		case "resource":
+			h.Resource, err = parseResource(d)
 		default:
 			if ok, perr := h.Policy.unmarshalPolicyLine(d); ok {
 				err = perr

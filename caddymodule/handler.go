@@ -56,6 +56,9 @@ type Handler struct {
 	// STS, when set, exchanges at another Security Token Service (RFC
 	// 8693) instead of minting in-process.
 	STS *RemoteSTS `json:"sts,omitempty"`
+	// Resource, when set, binds the route to a protected resource (an MCP
+	// server): inbound aud, challenge and RFC 9728 metadata (resource.go).
+	Resource *ResourceOptions `json:"resource,omitempty"`
 
 	engine     *exchange.Engine
 	remote     *exchange.RemoteSTS
@@ -108,6 +111,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Claims:             h.Claims,
 		Impersonate:        h.Mode == "impersonation",
 		Rules:              rules,
+		Resource:           h.Resource.url(),
 	}
 	// Metrics name a route by its first audience: configured, so bounded.
 	if len(h.Audiences) > 0 {
@@ -120,6 +124,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.gate.Challenge = h.DPoP.setChallenges
 	}
 	if err := h.provisionSTS(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+	if err := h.Resource.provision(app, h.gate, h.Scopes, h.RequireScopes); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
 	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)

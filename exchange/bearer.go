@@ -28,6 +28,16 @@ type BearerGate struct {
 	// challenge (a DPoP route adds its own, RFC 9449 §7.1); bearer is the
 	// Bearer challenge the gate would have sent.
 	Challenge func(w http.ResponseWriter, r *http.Request, bearer, realm, code string, e *Error)
+	// ResourceMetadata, if set, is the URL of the route's RFC 9728
+	// protected resource metadata: every challenge carries it as
+	// resource_metadata (RFC 9728 §5.1), so a client (an MCP client, say)
+	// can discover where to obtain a token.
+	ResourceMetadata string
+	// ChallengeScope, if set, is the scope a client should request at the
+	// authorization server, in its names: sent as scope on 401 challenges,
+	// and on insufficient_scope instead of the grant's required scopes
+	// (which are the gateway's mapped names).
+	ChallengeScope []string
 }
 
 // AdmitHooks let a host extend the admission: how credentials are read
@@ -203,8 +213,14 @@ func (g *BearerGate) Refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	if code != "" {
 		challenge += `, error="` + code + `", error_description="` + QuoteSafe(e.Description) + `"`
 	}
-	if e.Kind == KindInsufficientScope && len(g.grant.RequireScopes) > 0 {
+	switch {
+	case len(g.ChallengeScope) > 0 && (status == http.StatusUnauthorized || e.Kind == KindInsufficientScope):
+		challenge += `, scope="` + QuoteSafe(FormatScope(g.ChallengeScope)) + `"`
+	case e.Kind == KindInsufficientScope && len(g.grant.RequireScopes) > 0:
 		challenge += `, scope="` + QuoteSafe(FormatScope(g.grant.RequireScopes)) + `"`
+	}
+	if g.ResourceMetadata != "" {
+		challenge += `, resource_metadata="` + QuoteSafe(g.ResourceMetadata) + `"`
 	}
 	if g.Challenge != nil {
 		g.Challenge(w, r, challenge, realm, code, e)

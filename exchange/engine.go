@@ -122,6 +122,10 @@ type Grant struct {
 	// an upstream that requires certificate-bound tokens accepts only tokens
 	// that came through this gateway.
 	BindCertThumbprint string
+	// Resource, when set, is the protected resource this grant serves
+	// (RFC 8707, RFC 9728): the subject token's aud must name it, and its
+	// issuer must be trusted for it as an audience.
+	Resource string
 
 	// cacheID names everything above that shapes a minted token; empty
 	// means the grant's results are not cacheable. Set by Validate.
@@ -179,6 +183,11 @@ func (g *Grant) Validate() error {
 			return fmt.Errorf("claim %q is set by the engine and cannot be copied", c)
 		}
 	}
+	if g.Resource != "" {
+		if _, err := CheckResourceURL(g.Resource); err != nil {
+			return err
+		}
+	}
 	for _, s := range g.RequireScopes {
 		if !slices.Contains(g.Scopes, s) {
 			return fmt.Errorf("require_scope %q is not among the scopes this route delegates", s)
@@ -212,6 +221,7 @@ func (g *Grant) identity() string {
 	part("impersonate", fmt.Sprint(g.Impersonate))
 	part("client", g.ClientID)
 	part("bind", g.BindCertThumbprint)
+	part("resource", g.Resource)
 	if g.Rules != nil {
 		part("rules", g.Rules.fingerprint()...)
 	}
@@ -267,6 +277,9 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 		subject, err := e.trust.Verify(ctx, raw, VerifyOptions{TokenType: "access_token", MaxActDepth: e.cfg.MaxActDepth, Binding: binding})
 		if err != nil {
 			return nil, nil, err
+		}
+		if err := e.trust.checkResource(subject, grant.Resource); err != nil {
+			return nil, nil, withSubject(err, subject)
 		}
 		m, err := e.Exchange(ExchangeInput{Subject: subject, Actor: e.Actor(), Request: req}, grant)
 		return m, subject, withSubject(err, subject)
