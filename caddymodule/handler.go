@@ -43,6 +43,9 @@ type Handler struct {
 	Policy
 	// DPoP, when set, accepts DPoP-bound tokens with DPoP proofs (RFC 9449).
 	DPoP *DPoPOptions `json:"dpop,omitempty"`
+	// TxnToken, when set, also mints a Transaction Token per request and
+	// sends it in the Txn-Token header (txntoken.go).
+	TxnToken *TxnTokenOptions `json:"txn_token,omitempty"`
 
 	engine     *exchange.Engine
 	grant      exchange.Grant
@@ -74,6 +77,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.engine = app.Engine()
 	if err := h.DPoP.provision(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+	if err := h.TxnToken.provision(app); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
 	rules, err := h.Policy.compile()
@@ -149,6 +155,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil, false
 	})
 
+	if h.TxnToken != nil {
+		if e := h.serveTxn(r, minted, repl); e != nil {
+			h.refuse(w, r, a.Token, e)
+			return nil
+		}
+	}
 	h.okCount.Inc()
 	if h.engine.Cache() != nil {
 		if minted.Cached {
