@@ -401,6 +401,14 @@ func (c *Client) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	    deny_if <cel-expr>
 //	    grant <scope...> if <cel-expr>
 //	    claim <name> <cel-expr>
+//	    txn_token [<trust-domain>] {
+//	        audience <trust-domain>
+//	        lifetime <duration>
+//	        workload <req_wl>
+//	        subject auto|plain|namespaced
+//	        authorization delegated|none
+//	        tctx <name> <cel-expr>
+//	    }
 //	}
 func parseHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
@@ -444,6 +452,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.DPoP, err = parseDPoP(d, true)
 		case "resource":
 			h.Resource, err = parseResource(d)
+		case "txn_token":
+			h.TxnToken, err = unmarshalTxnToken(d)
 		default:
 			if ok, perr := h.Policy.unmarshalPolicyLine(d); ok {
 				err = perr
@@ -505,6 +515,11 @@ func (h *JWKSHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //	        max_age <duration>
 //	        nonce
 //	    }
+//	    txn_token [<trust-domain>] {
+//	        audience <trust-domain>
+//	        lifetime <duration>
+//	        subject auto|plain|namespaced
+//	    }
 //	}
 func parseEndpointHandler(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(EndpointHandler)
@@ -533,6 +548,11 @@ func (h *EndpointHandler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "dpop":
 			var err error
 			if h.DPoP, err = parseDPoP(d, false); err != nil {
+				return err
+			}
+		case "txn_token":
+			var err error
+			if h.TxnToken, err = unmarshalTxnEndpoint(d); err != nil {
 				return err
 			}
 		default:

@@ -31,6 +31,9 @@ type EndpointHandler struct {
 	// DPoP configures DPoP proofs to the token endpoint (default: accepted,
 	// optional, default algorithms, no nonce).
 	DPoP *DPoPOptions `json:"dpop,omitempty"`
+	// TxnToken, when set, issues Transaction Tokens for
+	// requested_token_type txn_token (txntoken.go).
+	TxnToken *TxnEndpointOptions `json:"txn_token,omitempty"`
 
 	tokenEndpointURLs []*url.URL
 
@@ -63,6 +66,9 @@ func (h *EndpointHandler) Provision(ctx caddy.Context) error {
 	}
 	h.endpoint = &exchange.TokenEndpoint{Engine: app.engine, Clients: app.clients, Realm: app.Issuer,
 		MaxRequestBody: h.MaxRequestBody, OnOutcome: h.audit, Binding: h.endpointBinding}
+	if h.endpoint.Txn, err = h.TxnToken.config(app); err != nil {
+		return fmt.Errorf("token_exchange_endpoint: %w", err)
+	}
 	return nil
 }
 

@@ -59,6 +59,9 @@ type Handler struct {
 	// Resource, when set, binds the route to a protected resource (an MCP
 	// server): inbound aud, challenge and RFC 9728 metadata (resource.go).
 	Resource *ResourceOptions `json:"resource,omitempty"`
+	// TxnToken, when set, also mints a Transaction Token per request and
+	// sends it in the Txn-Token header (txntoken.go).
+	TxnToken *TxnTokenOptions `json:"txn_token,omitempty"`
 
 	engine     *exchange.Engine
 	remote     *exchange.RemoteSTS
@@ -91,6 +94,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.engine = app.Engine()
 	if err := h.DPoP.provision(); err != nil {
+		return fmt.Errorf("token_exchange: %w", err)
+	}
+	if err := h.TxnToken.provision(app); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
 	rules, err := h.Policy.compile()
@@ -180,6 +186,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil, false
 	})
 
+	if h.TxnToken != nil {
+		if e := h.serveTxn(r, minted, repl); e != nil {
+			h.refuse(w, r, a.Token, e)
+			return nil
+		}
+	}
 	h.okCount.Inc()
 	if h.engine.Cache() != nil {
 		if minted.Cached {

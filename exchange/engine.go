@@ -252,6 +252,9 @@ type Minted struct {
 	// Unbound tells that the subject token was bound (cnf) and accepted
 	// without proof of possession (a client with allow_unbinding).
 	Unbound bool
+	// SubjectClaims are the verified subject token's claims (shared: read
+	// only), for what is computed beside the minted token (a Txn-Token's tctx).
+	SubjectClaims map[string]any
 }
 
 // ExchangeBearer is the in-process exchange of the middleware: it verifies a
@@ -467,6 +470,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		SubjectTokenHash: subject.TokenHash,
 		ActChain:         act,
 		Confirmation:     confirm,
+		SubjectClaims:    subject.Claims(),
 	}, nil
 }
 

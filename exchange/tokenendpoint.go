@@ -31,6 +31,9 @@ type TokenEndpoint struct {
 	// DPoP proof to this endpoint, the TLS client certificate) once the
 	// client is authenticated; bound subject tokens need it.
 	Binding func(w http.ResponseWriter, r *http.Request) (*Binding, *Error)
+	// Txn, if set, lets the endpoint issue Transaction Tokens
+	// (requested_token_type txn_token); nil refuses them.
+	Txn *TxnEndpointConfig
 }
 
 // EndpointOutcome describes one answer of the token endpoint, for the
@@ -163,7 +166,12 @@ func (t *TokenEndpoint) serve(w http.ResponseWriter, r *http.Request, o *Endpoin
 			return
 		}
 	}
-	issued, err := t.Engine.TokenExchange(r.Context(), req, client)
+	var issued *Issued
+	if req.RequestedTokenType == TokenTypeTxnToken {
+		issued, err = t.Engine.TxnTokenExchange(r.Context(), req, client, t.Txn)
+	} else {
+		issued, err = t.Engine.TokenExchange(r.Context(), req, client)
+	}
 	if err != nil {
 		t.Fail(w, o, AsError(err))
 		return

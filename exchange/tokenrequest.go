@@ -26,6 +26,9 @@ const (
 	paramClientSecret        = "client_secret"
 	paramClientAssertion     = "client_assertion"
 	paramClientAssertionType = "client_assertion_type"
+	// draft-ietf-oauth-transaction-tokens: context of a Txn-Token request.
+	paramRequestContext = "request_context"
+	paramRequestDetails = "request_details"
 )
 
 // singleParams may appear at most once (RFC 6749 §3.2); audience and
@@ -43,11 +46,13 @@ var singleParams = []string{
 	paramClientSecret,
 	paramClientAssertion,
 	paramClientAssertionType,
+	paramRequestContext,
+	paramRequestDetails,
 }
 
 // requestableTokenTypes are the requested_token_type values we can issue:
 // what we mint is a JWT access token (RFC 9068), which is both.
-var requestableTokenTypes = []string{TokenTypeAccessToken, TokenTypeJWT}
+var requestableTokenTypes = []string{TokenTypeAccessToken, TokenTypeJWT, TokenTypeTxnToken}
 
 // TokenRequest is a parsed RFC 8693 §2.1 token-exchange request. Its token
 // types are full URNs; audiences and resources keep their first-seen order
@@ -67,6 +72,10 @@ type TokenRequest struct {
 	// ParseTokenRequest only checks that each appears at most once;
 	// Clients.Authenticate judges them.
 	ClientID, ClientSecret, ClientAssertion, ClientAssertionType string
+
+	// RequestContext and RequestDetails are the request_context and
+	// request_details of a Txn-Token request (nil when absent).
+	RequestContext, RequestDetails map[string]any
 
 	// Binding is what the client proved on this request: the key of a
 	// verified DPoP proof to the token endpoint, the TLS client
@@ -197,6 +206,9 @@ func ParseTokenRequest(form url.Values) (*TokenRequest, error) {
 		}
 	}
 
+	if err := r.parseTxnParams(form); err != nil {
+		return nil, err
+	}
 	if s := form.Get(paramScope); s != "" {
 		scopes, err := ParseScope(s)
 		if err != nil {

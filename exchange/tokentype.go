@@ -18,6 +18,7 @@ var tokenTypeURNs = map[string]string{
 	"jwt":           TokenTypeJWT,
 	"saml1":         TokenTypeSAML1,
 	"saml2":         TokenTypeSAML2,
+	"txn_token":     TokenTypeTxnToken,
 }
 
 // TokenTypeURN returns the RFC 8693 URN for a short name such as

@@ -313,6 +313,8 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 		switch tt {
 		case "refresh_token":
 			return errors.New("refresh_token cannot be a trusted token type: refresh tokens are never accepted")
+		case "txn_token":
+			return errors.New("txn_token cannot be a trusted token type: Txn-Tokens are checked with txn_token_verify, never as subject tokens of an issuer")
 		case "saml1", "saml2":
 			return fmt.Errorf("token type %s is not supported: only JWTs are verified", tt)
 		case "id_token":

@@ -171,6 +171,10 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if err := checkTokenKind(claims, opts.TokenType, ti.cfg.IDTokenClaims); err != nil {
 		return nil, err
 	}
+	// A Transaction Token is never an access token, whoever signed it.
+	if isTxnToken(hdr.Typ, claims) {
+		return nil, invalidToken("token_type", "a Transaction Token (Txn-Token) is not accepted as a subject or access token")
+	}
 	now := ts.now()
 	key, status, err := ti.keys.verifyJWS(ctx, hdr, raw)
 	switch {
