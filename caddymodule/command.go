@@ -31,6 +31,7 @@ Tools for caddy-token-exchange.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.AddCommand(keygenCommand(), mintCommand())
+			cmd.AddCommand(explainCommand(), inspectCommand())
 		},
 	})
 }
