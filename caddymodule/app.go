@@ -482,8 +482,12 @@ func (a *App) Engine() *exchange.Engine { return a.engine }
 // an empty one).
 func appFrom(ctx caddy.Context, handler string) (*App, error) {
 	v, err := ctx.AppIfConfigured("token_exchange")
+	if errors.Is(err, caddy.ErrNotConfigured) {
+		return nil, fmt.Errorf("%s needs the token_exchange global option (an issuer and at least one trust block): add to the global options: token_exchange { issuer https://<gateway> trust https://<idp> { jwks_url ... audience ... algorithms ... } }: %w", handler, err)
+	}
 	if err != nil {
-		return nil, fmt.Errorf("%s needs the token_exchange global option (an issuer and at least one trust block): %w", handler, err)
+		// the app is configured but failed: its own error says why
+		return nil, fmt.Errorf("%s: %w", handler, err)
 	}
 	return v.(*App), nil
 }

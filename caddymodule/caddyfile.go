@@ -184,7 +184,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	if a.Issuer == "" {
-		return d.Err("token_exchange: issuer is required (the iss of every minted token)")
+		return d.Err("token_exchange: issuer is required (the iss of every minted token): add `issuer https://<the gateway's public URL>` to the token_exchange global option")
 	}
 	return nil
 }
@@ -247,7 +247,7 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err = appendArgs(d, &t.Algorithms); err == nil {
 				for _, alg := range t.Algorithms {
 					if cerr := exchange.CheckVerifyAlgorithm(alg); cerr != nil {
-						return d.Errf("trust %s: %v", t.Issuer, cerr)
+						return d.Errf("trust %s: %v; use the asymmetric algorithm the issuer signs with (the alg of its JWKS keys, most often RS256 or ES256)", t.Issuer, cerr)
 					}
 				}
 			}
@@ -296,7 +296,7 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Errf("trust %s: algorithms is required (for example: algorithms RS256 ES256)", t.Issuer)
 	}
 	if len(t.Audiences) == 0 {
-		return d.Errf("trust %s: audience is required", t.Issuer)
+		return d.Errf("trust %s: audience is required: add `audience <aud>`, the aud the issuer puts into tokens meant for this gateway (often the gateway's URL or an API identifier)", t.Issuer)
 	}
 	n := 0
 	for _, set := range []bool{t.JWKSURL != "", t.JWKSFile != "", t.Discovery || t.DiscoveryURL != ""} {
@@ -305,7 +305,7 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	if n != 1 {
-		return d.Errf("trust %s: exactly one of jwks_url, jwks_file or discovery (discovery_url) is required", t.Issuer)
+		return d.Errf("trust %s: exactly one of jwks_url, jwks_file or discovery (discovery_url) is required, for example: jwks_url https://idp.example.com/.well-known/jwks.json, or discovery", t.Issuer)
 	}
 	introspection := t.IntrospectionURL != "" || t.IntrospectionClientID != "" || t.IntrospectionClientSecret != "" || t.IntrospectionAuth != ""
 	switch {
@@ -466,11 +466,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	if len(h.Audiences) == 0 {
-		return d.Err("token_exchange: at least one audience is required")
+		return d.Err("token_exchange: at least one audience is required: add `audience <aud>` (the aud the upstream API expects, e.g. audience https://orders.internal) to this block, or write it inline: token_exchange https://orders.internal")
 	}
 	for _, s := range h.RequireScopes {
 		if !slices.Contains(h.Scopes, s) {
-			return d.Errf("token_exchange: require_scope '%s' is not among the route's scope", s)
+			return d.Errf("token_exchange: require_scope '%s' is not among the route's scope: add it to scope, or remove it from require_scope", s)
 		}
 	}
 	return nil

@@ -28,9 +28,13 @@ Tools for caddy-token-exchange.
           signing_key_file or for a test issuer's jwks_file.
   mint    signs a subject token with a private key, as an identity provider
           would: for demos and tests only.
+  explain runs one exchange against a config and prints every decision
+          (or the first refusal and why); exit 0 exchanged, 1 refused, 2 error.
+  inspect decodes a token without trusting it; --config also verifies it.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.AddCommand(keygenCommand(), mintCommand(), rotateCommand())
+			cmd.AddCommand(explainCommand(), inspectCommand())
 		},
 	})
 }
@@ -41,6 +45,8 @@ func keygenCommand() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "keygen --out <private.jwk> [--jwks <jwks.json>] [--alg ES256] [--force]",
 		Short: "Generate a signing key as a JWK, and its public JWKS",
+		Example: `  caddy token-exchange keygen --out /etc/caddy/sts.jwk --jwks /etc/caddy/sts-jwks.json
+  caddy token-exchange keygen --alg EdDSA --out test-idp.jwk --jwks test-idp-jwks.json`,
 		RunE: func(_ *cobra.Command, _ []string) error {
 			if out == "" {
 				return fmt.Errorf("--out is required")
@@ -88,6 +94,10 @@ func mintCommand() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "mint --key <private.jwk> --iss <issuer> --sub <subject> --aud <audience> [--scope ...] [--ttl 10m] [--claim name=json]",
 		Short: "Sign a subject token with a private key (demos and tests only)",
+		Example: `  caddy token-exchange mint --key examples/demo-issuer/DEMO-ONLY-private-key.jwk \
+    --iss https://demo-idp.example --aud http://localhost:8080 \
+    --sub alice --scope "orders.read profile" --claim email=alice@example.com
+  caddy token-exchange mint --key idp.jwk --iss https://idp --aud gw --sub bob --ttl -5m   # expired`,
 		RunE: func(_ *cobra.Command, _ []string) error {
 			if keyFile == "" || iss == "" || sub == "" || len(auds) == 0 {
 				return fmt.Errorf("--key, --iss, --sub and --aud are required")

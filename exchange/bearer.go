@@ -2,6 +2,7 @@ package exchange
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"mime"
@@ -192,8 +193,9 @@ func BearerStatus(e *Error) (status int, code string) {
 }
 
 // Refuse writes the RFC 6750 §3 answer to a refusal: a challenge for 4xx,
-// Retry-After for 503, a bare status for 500. The body is empty and never
-// echoes a token.
+// Retry-After for 503, a bare status for 500. A 4xx carries a short JSON
+// body with the same error and description as the challenge (so `curl -s`
+// shows why); it never echoes a token.
 func (g *BearerGate) Refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	status, code := BearerStatus(e)
 	switch status {
@@ -227,7 +229,23 @@ func (g *BearerGate) Refuse(w http.ResponseWriter, r *http.Request, e *Error) {
 	} else {
 		w.Header().Set("WWW-Authenticate", challenge)
 	}
+	writeRefusalBody(w, status, code, e.Description)
+}
+
+// writeRefusalBody writes the status and a small JSON body:
+// {"error":"invalid_token","error_description":"..."}.
+func writeRefusalBody(w http.ResponseWriter, status int, code, description string) {
+	if code == "" {
+		code = "unauthorized"
+	}
+	body, _ := json.Marshal(struct {
+		Error       string `json:"error"`
+		Description string `json:"error_description,omitempty"`
+	}{code, description})
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
+	_, _ = w.Write(append(body, '\n'))
 }
 
 // Wrap is the gate as a complete net/http middleware, for hosts other than

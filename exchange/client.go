@@ -302,7 +302,7 @@ func (c *Clients) newRegisteredClient(cfg ClientConfig, opts ClientOptions, refe
 	case cfg.SecretHash != "":
 		cost, err := bcrypt.Cost([]byte(cfg.SecretHash))
 		if err != nil {
-			return nil, fmt.Errorf("secret_hash is not a bcrypt hash: %w", err)
+			return nil, fmt.Errorf("secret_hash is not a bcrypt hash (%w): make one with `caddy hash-password --plaintext <secret>` and put the $2a$... output there, never the secret itself", err)
 		}
 		c.maxCost = max(c.maxCost, cost)
 		rc.hash = []byte(cfg.SecretHash)

@@ -50,6 +50,7 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 			audiences = slices.Clone(cfg.Resources)
 		}
 	}
+	req.Trace.step("targets", true, "client %s may have audiences %q", client.ClientID, audiences)
 
 	subjectType := req.SubjectTokenTypeName()
 	switch subjectType {
@@ -74,6 +75,7 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 	} else {
 		subject, err = e.VerifyBound(ctx, req.SubjectToken, subjectType, &subjectBinding)
 	}
+	req.Trace.verification("", req.SubjectToken, VerifyOptions{TokenType: subjectType, MaxActDepth: e.cfg.MaxActDepth, Binding: &subjectBinding}, subject, err, e.trust)
 	if err != nil {
 		return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
 	}
@@ -90,6 +92,7 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 			return nil, asRequestError(invalidToken("token_type", "actor_token type is not supported"))
 		}
 		actorSubject, err = e.VerifyBound(ctx, req.ActorToken, actorType, &proven)
+		req.Trace.verification("actor_token", req.ActorToken, VerifyOptions{TokenType: actorType, MaxActDepth: e.cfg.MaxActDepth, Binding: &proven}, actorSubject, err, e.trust)
 		if err != nil {
 			return nil, asRequestError(prefixed(AsError(err), "actor_token: "))
 		}
@@ -128,7 +131,7 @@ func (e *Engine) TokenExchange(ctx context.Context, req *TokenRequest, client *A
 		confirm["x5t#S256"] = x5t
 	}
 	grant := &Grant{Audiences: audiences, Scopes: ceiling, ClientID: client.ClientID, Impersonate: impersonate, Rules: cfg.Rules}
-	minted, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, ActorToken: actorSubject, Client: client.ClientID, Confirmation: confirm}, grant)
+	minted, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, ActorToken: actorSubject, Client: client.ClientID, Confirmation: confirm, Trace: req.Trace}, grant)
 	if err != nil {
 		return nil, asRequestError(AsError(withSubject(err, subject)))
 	}

@@ -171,6 +171,8 @@ type ExchangeInput struct {
 	// Confirmation, when set, binds the minted token (its cnf claim:
 	// jkt and/or x5t#S256).
 	Confirmation map[string]string
+	// Trace, when set, records each decision (see Trace); nil costs nothing.
+	Trace *Trace
 }
 
 // Validate checks a grant at configuration time.
@@ -346,6 +348,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		// act depth limit (the class of bug of keycloak#52691).
 		return nil, denied("impersonate_delegated", "a token that already carries act cannot be impersonated; its delegation chain would be lost")
 	}
+	in.Trace.mode(grant, subject)
 	if subject.MayAct != nil {
 		actorTokenIssuer := ""
 		if in.ActorToken != nil {
@@ -355,6 +358,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 			return nil, denied("may_act", "subject token does not permit this actor: %v", err)
 		}
 	}
+	in.Trace.mayAct(subject, actor)
 	held := subject.Scopes
 	var computed map[string]any
 	if grant.Rules != nil && !grant.Rules.Empty() {
@@ -371,6 +375,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 		if err != nil {
 			return nil, &Error{Kind: KindServer, Reason: "policy", Description: "internal error", Err: err}
 		}
+		in.Trace.rules(grant.Rules, ruleIn, res)
 		if res.Denied {
 			// The rule is policy, not the caller's business: it goes to the
 			// log (Err), the caller learns only that policy denied it.
@@ -385,6 +390,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 	// Issued = the grant's scope ∩ what the subject holds (rule grants
 	// included): never beyond the grant's scope, in its order.
 	scopes := IntersectScopes(grant.Scopes, held)
+	in.Trace.scopes(grant, subject.Scopes, held[len(subject.Scopes):], scopes)
 	if missing := missingScopes(grant.RequireScopes, scopes); len(missing) > 0 {
 		return nil, &Error{Kind: KindInsufficientScope, Reason: "insufficient_scope",
 			Description: "subject token does not hold the required scope " + FormatScope(missing)}
@@ -447,6 +453,7 @@ func (e *Engine) Exchange(in ExchangeInput, grant *Grant) (*Minted, error) {
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "internal", Description: "internal error", Err: err}
 	}
+	in.Trace.minted(payload)
 	signer := e.signer.Load()
 	if signer == nil {
 		return nil, &Error{Kind: KindUnavailable, Reason: "no_signing_key", Description: "the signing key is not loaded yet; retry later", RetryAfter: time.Second}

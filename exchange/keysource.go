@@ -229,7 +229,7 @@ func NewKeySource(cfg KeySourceConfig) (*KeySource, error) {
 func newFileKeySource(path string) (*KeySource, error) {
 	set, err := jwk.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("reading jwks_file: %w", err)
+		return nil, fmt.Errorf("reading jwks_file: %w (check the path: a relative path is resolved against the directory Caddy runs in)", err)
 	}
 	idx := indexKeySet(set)
 	if len(idx.keys) == 0 {

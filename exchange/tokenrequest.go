@@ -81,6 +81,8 @@ type TokenRequest struct {
 	// verified DPoP proof to the token endpoint, the TLS client
 	// certificate. Set by the front door, never read from the form.
 	Binding *Binding
+	// Trace, when set, records each decision (Engine.ExplainTokenExchange).
+	Trace *Trace
 }
 
 // SubjectTokenTypeName is the short name (access_token, jwt, ...) of the

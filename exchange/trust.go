@@ -319,7 +319,7 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 			return fmt.Errorf("token type %s is not supported: only JWTs are verified", tt)
 		case "id_token":
 			if len(ic.ClientIDs) == 0 {
-				return errors.New("token type id_token needs client_ids: the audiences its ID tokens are issued to")
+				return errors.New("token type id_token needs client_ids: the audiences its ID tokens are issued to; add `client_ids <client_id...>` to the trust block")
 			}
 		}
 	}
