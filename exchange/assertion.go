@@ -160,6 +160,7 @@ type replayCache struct {
 	mu        sync.Mutex
 	clients   map[string]*clientReplay
 	max       int
+	maxOwners int // 0: no bound on the number of owners (clients, proof keys)
 	lastSweep time.Time
 }
 
@@ -179,11 +180,15 @@ func (r *replayCache) add(clientID, jti string, until, now time.Time) error {
 	k := sha256.Sum256([]byte(jti))
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if now.Sub(r.lastSweep) >= replaySweepInterval {
+	full := r.maxOwners > 0 && len(r.clients) >= r.maxOwners
+	if now.Sub(r.lastSweep) >= replaySweepInterval || full && now.Sub(r.lastSweep) >= replayFullSweepGap {
 		r.sweepAll(now)
 	}
 	cr := r.clients[clientID]
 	if cr == nil {
+		if r.maxOwners > 0 && len(r.clients) >= r.maxOwners {
+			return errReplayFull
+		}
 		cr = &clientReplay{jtis: make(map[[sha256.Size]byte]time.Time)}
 		r.clients[clientID] = cr
 	}

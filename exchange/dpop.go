@@ -14,7 +14,6 @@ import (
 	"net/url"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwa"
@@ -94,7 +93,10 @@ const (
 // DPoPState is what every DPoP verifier of one gateway shares: the jti
 // replay records (in memory, per instance) and the key of server nonces.
 type DPoPState struct {
-	replay   *dpopReplay
+	// replay holds the jti of every accepted proof until the proof can no
+	// longer pass the iat check, per proof key (the same bounded records as
+	// private_key_jwt assertions), with the number of keys bounded too.
+	replay   *replayCache
 	nonceKey [32]byte
 }
 
@@ -107,7 +109,9 @@ func NewDPoPState(perKey, keys int) (*DPoPState, error) {
 	if keys <= 0 {
 		keys = DefaultDPoPReplayKeys
 	}
-	s := &DPoPState{replay: &dpopReplay{perKey: perKey, maxKeys: keys, keys: make(map[string]*keyReplay)}}
+	replay := newReplayCache(perKey)
+	replay.maxOwners = keys
+	s := &DPoPState{replay: replay}
 	if _, err := rand.Read(s.nonceKey[:]); err != nil {
 		return nil, err
 	}
@@ -427,70 +431,4 @@ func sameTargetURI(htu string, target *url.URL) bool {
 	a := norm(u.Scheme, u.Host, u.Path)
 	b := norm(target.Scheme, target.Host, target.Path)
 	return (u.Scheme == "https" || u.Scheme == "http") && a == b
-}
-
-// dpopReplay remembers the jti of every accepted proof until the proof can
-// no longer pass the iat check, per proof key, each key bounded on its own
-// and the number of keys bounded too. Only proofs that came with an
-// accepted bound token are recorded, so a stranger's keys cannot fill it.
-// It lives in memory: instances do not share it (cluster-wide replay
-// records are a later issue).
-type dpopReplay struct {
-	mu        sync.Mutex
-	keys      map[string]*keyReplay
-	perKey    int
-	maxKeys   int
-	lastSweep time.Time
-}
-
-type keyReplay struct {
-	jtis      map[[sha256.Size]byte]time.Time
-	lastSweep time.Time
-}
-
-func (r *dpopReplay) add(jkt, jti string, until, now time.Time) error {
-	k := sha256.Sum256([]byte(jti))
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if now.Sub(r.lastSweep) >= replaySweepInterval || len(r.keys) >= r.maxKeys && now.Sub(r.lastSweep) >= replayFullSweepGap {
-		r.sweepAll(now)
-	}
-	kr := r.keys[jkt]
-	if kr == nil {
-		if len(r.keys) >= r.maxKeys {
-			return errReplayFull
-		}
-		kr = &keyReplay{jtis: make(map[[sha256.Size]byte]time.Time)}
-		r.keys[jkt] = kr
-	}
-	if exp, ok := kr.jtis[k]; ok && now.Before(exp) {
-		return errReplayed
-	}
-	if len(kr.jtis) >= r.perKey && now.Sub(kr.lastSweep) >= replayFullSweepGap {
-		kr.sweep(now)
-	}
-	if _, ok := kr.jtis[k]; !ok && len(kr.jtis) >= r.perKey {
-		return errReplayFull
-	}
-	kr.jtis[k] = until
-	return nil
-}
-
-func (r *dpopReplay) sweepAll(now time.Time) {
-	r.lastSweep = now
-	for id, kr := range r.keys {
-		kr.sweep(now)
-		if len(kr.jtis) == 0 {
-			delete(r.keys, id)
-		}
-	}
-}
-
-func (kr *keyReplay) sweep(now time.Time) {
-	kr.lastSweep = now
-	for k, exp := range kr.jtis {
-		if !now.Before(exp) {
-			delete(kr.jtis, k)
-		}
-	}
 }
