@@ -4,6 +4,8 @@
 //	(a) plain reverse_proxy in front of an upstream,
 //	(b) token_exchange with a warm cache (every request carries the same token),
 //	(c) token_exchange where every request carries a new subject token,
+//	(d) token_exchange with a warm cache plus a Transaction Token minted
+//	    per request (txn_token),
 //
 // with a fixed duration and connection count, and reports req/s, p50 and p99
 // latency and the ratios b/a and c/a. Usage:
@@ -99,7 +101,7 @@ func run(caddyBin string, duration, warmup time.Duration, conns, fresh int) erro
 		_, _ = io.WriteString(w, "ok")
 	}))
 
-	plainPort, gwPort := freePort(), freePort()
+	plainPort, gwPort, txnPort := freePort(), freePort(), freePort()
 	caddyfile := fmt.Sprintf(`{
 	admin %s
 	storage file_system %s
@@ -122,7 +124,15 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-`, adminAddr, filepath.Join(dir, "storage"), jwksPath, plainPort, upstream.Addr(), gwPort, upstream.Addr())
+http://127.0.0.1:%d {
+	token_exchange {
+		audience https://api.bench
+		scope read write
+		txn_token https://bench.internal
+	}
+	reverse_proxy %s
+}
+`, adminAddr, filepath.Join(dir, "storage"), jwksPath, plainPort, upstream.Addr(), gwPort, upstream.Addr(), txnPort, upstream.Addr())
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(caddyfile), 0o600); err != nil {
 		return err
@@ -169,6 +179,7 @@ http://127.0.0.1:%d {
 
 	plainURL := fmt.Sprintf("http://127.0.0.1:%d/", plainPort)
 	gwURL := fmt.Sprintf("http://127.0.0.1:%d/", gwPort)
+	txnURL := fmt.Sprintf("http://127.0.0.1:%d/", txnPort)
 	var next atomic.Int64
 	scenarios := []struct {
 		name  string
@@ -184,6 +195,7 @@ http://127.0.0.1:%d {
 			}
 			return freshTokens[i]
 		}},
+		{"(d) + txn_token (warm cache, Txn-Token per req)", txnURL, func() string { return same }},
 	}
 	var results []result
 	for _, sc := range scenarios {
@@ -198,9 +210,9 @@ http://127.0.0.1:%d {
 	for _, r := range results {
 		fmt.Printf("%-44s %10.0f %10v %10v %8d\n", r.name, r.rps, r.p50.Round(time.Microsecond), r.p99.Round(time.Microsecond), r.errors)
 	}
-	a, b, c := results[0], results[1], results[2]
-	fmt.Printf("\nthroughput b/a = %.2f   c/a = %.2f\n", b.rps/a.rps, c.rps/a.rps)
-	fmt.Printf("p99 added    b-a = %v   c-a = %v\n", (b.p99 - a.p99).Round(time.Microsecond), (c.p99 - a.p99).Round(time.Microsecond))
+	a, b, c, d := results[0], results[1], results[2], results[3]
+	fmt.Printf("\nthroughput b/a = %.2f   c/a = %.2f   d/a = %.2f\n", b.rps/a.rps, c.rps/a.rps, d.rps/a.rps)
+	fmt.Printf("p99 added    b-a = %v   c-a = %v   d-a = %v\n", (b.p99 - a.p99).Round(time.Microsecond), (c.p99 - a.p99).Round(time.Microsecond), (d.p99 - a.p99).Round(time.Microsecond))
 	if c.errors > 0 {
 		fmt.Println("note: (c) ran out of fresh tokens or saw errors; raise -fresh-tokens")
 	}
