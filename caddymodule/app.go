@@ -293,14 +293,16 @@ func (a *App) Provision(ctx caddy.Context) error {
 		samlIssuers = append(samlIssuers, cfg)
 	}
 	trust, err := exchange.NewTrustStore(ctx, exchange.TrustConfig{
-		Issuers:      issuers,
-		SAML:         samlIssuers,
-		ClockSkew:    time.Duration(a.ClockSkew),
-		MaxTokenSize: a.MaxTokenSize,
-		FetchTimeout: time.Duration(a.JWKSFetchTimeout),
-		Logger:       a.logger,
-		OnFetch:      onFetch,
-		KeySources:   jwksSources{},
+		// Fetching starts in Start: `caddy validate` provisions too.
+		DeferFetching: true,
+		Issuers:       issuers,
+		SAML:          samlIssuers,
+		ClockSkew:     time.Duration(a.ClockSkew),
+		MaxTokenSize:  a.MaxTokenSize,
+		FetchTimeout:  time.Duration(a.JWKSFetchTimeout),
+		Logger:        a.logger,
+		OnFetch:       onFetch,
+		KeySources:    jwksSources{},
 		OnIntrospect: func(issuer, result string) {
 			metrics.introspections.WithLabelValues(issuer, result).Inc()
 		},
@@ -377,6 +379,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		// A jti used at one instance is refused at every instance sharing
 		// this storage.
 		ReplayStorage: ctx.Storage(),
+		DeferFetching: true,
 	})
 	if err != nil {
 		_ = trust.Close()
@@ -414,6 +417,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 // under the storage lock on first start; a signing_key_file was loaded at
 // provision.
 func (a *App) Start() error {
+	a.trust.StartFetching()
+	a.clients.StartFetching()
 	signer := a.engine.Signer()
 	if a.keys != nil {
 		var err error

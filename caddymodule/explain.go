@@ -279,6 +279,10 @@ func provisionTokenExchange(cfgJSON []byte) (*provisioned, *App, error) {
 		return nil, nil, err
 	}
 	app := v.(*App)
+	// Remote keys are fetched as `caddy run` would once started; nothing is
+	// written to storage (the signing key set is not started).
+	app.trust.StartFetching()
+	app.clients.StartFetching()
 	return &provisioned{Context: ctx, cancel: func() { _ = app.Cleanup() }}, app, nil
 }
 

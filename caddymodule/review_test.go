@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -343,5 +344,45 @@ http://localhost:1 {
 	})
 	if len(written) != 0 {
 		t.Fatalf("validate wrote to storage: %v", written)
+	}
+}
+
+// TestValidateFetchesNothing: provisioning (caddy validate) starts no JWKS
+// fetch either; the app's Start does (DESIGN §6).
+func TestValidateFetchesNothing(t *testing.T) {
+	idp := testidp.New(t, "https://idp.test")
+	idp.AddKey("ec-1", "ES256")
+	input := fmt.Sprintf(`{
+	storage file_system %s
+	token_exchange {
+		issuer https://gateway.test
+		trust https://idp.test {
+			jwks_url %s
+			audience https://gateway.test
+			algorithms ES256
+		}
+	}
+}
+http://localhost:1 {
+	token_exchange {
+		audience %s
+	}
+	respond ok
+}
+`, t.TempDir(), idp.JWKSURL(), audOrders)
+	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg caddy.Config
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := caddy.Validate(&cfg); err != nil {
+		t.Fatalf("validate: %v", err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := idp.Fetches.Load(); n != 0 {
+		t.Fatalf("validate fetched the JWKS %d times", n)
 	}
 }

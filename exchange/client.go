@@ -130,6 +130,8 @@ type ClientOptions struct {
 	// new assertions are refused (KindUnavailable) rather than a record
 	// evicted early; other clients are not affected.
 	MaxReplayEntries int
+	// DeferFetching leaves new jwks_url sources idle until StartFetching.
+	DeferFetching bool
 	// ReplayStorage, if set, also records every accepted assertion's jti in
 	// a storage shared by the cluster, so a jti used at one instance is
 	// refused at every other. Unreachable storage fails closed (503).
@@ -261,7 +263,7 @@ func NewClients(ctx context.Context, cfgs []ClientConfig, opts ClientOptions) (*
 	}
 
 	c.sources = newKeySources(opts.KeySources, KeySourceConfig{
-		FetchTimeout: opts.FetchTimeout, HTTPClient: opts.HTTPClient, Now: c.now,
+		FetchTimeout: opts.FetchTimeout, HTTPClient: opts.HTTPClient, Now: c.now, Deferred: opts.DeferFetching,
 	})
 	for _, cfg := range cfgs {
 		if _, dup := c.clients[cfg.ClientID]; dup {
@@ -433,4 +435,13 @@ const authFailed = "client authentication failed"
 
 func clientError(reason, description string) *Error {
 	return &Error{Kind: KindInvalidClient, Reason: reason, Description: description}
+}
+
+// StartFetching starts the background refresh of every client's jwks_url.
+func (c *Clients) StartFetching() {
+	for _, rc := range c.clients {
+		if rc.keys != nil {
+			rc.keys.src.Start()
+		}
+	}
 }

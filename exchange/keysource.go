@@ -70,6 +70,7 @@ type KeySource struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	start  sync.Once
 }
 
 // keyState is an immutable snapshot of a source's keys.
@@ -102,6 +103,11 @@ type KeySourceConfig struct {
 	HTTPClient *http.Client
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// Deferred leaves the source idle until Start: a host that provisions
+	// configurations it may never run (caddy validate, adapt) fetches
+	// nothing until the configuration starts. A lookup before Start still
+	// forces a fetch.
+	Deferred bool
 }
 
 // keySourceKey names a URL source in a KeySourcePool: the URL and the fetch
@@ -215,14 +221,30 @@ func NewKeySource(cfg KeySourceConfig) (*KeySource, error) {
 		s.now = time.Now
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
-	// The first fetch is in flight before anyone can look: a request
-	// arriving now waits for it rather than forcing a fetch of its own.
-	s.mu.Lock()
-	first := s.startFetchLocked(context.Background(), false)
-	s.mu.Unlock()
-	s.wg.Add(1)
-	go s.run(first)
+	if !cfg.Deferred {
+		s.Start()
+	}
 	return s, nil
+}
+
+// Start begins the background refresh (once; later calls do nothing). The
+// first fetch is in flight before anyone can look: a request arriving now
+// waits for it rather than forcing a fetch of its own.
+func (s *KeySource) Start() {
+	if s.url == "" && s.discovery == nil {
+		return // a file
+	}
+	s.start.Do(func() {
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			return
+		}
+		first := s.startFetchLocked(context.Background(), false)
+		s.mu.Unlock()
+		s.wg.Add(1)
+		go s.run(first)
+	})
 }
 
 // newFileKeySource reads a jwks_file once. It must hold a usable key.

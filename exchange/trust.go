@@ -116,6 +116,10 @@ type IssuerConfig struct {
 // TrustConfig configures a TrustStore.
 type TrustConfig struct {
 	Issuers []IssuerConfig
+	// DeferFetching leaves new JWKS and discovery sources idle until
+	// StartFetching (sources shared with a running configuration keep
+	// running).
+	DeferFetching bool
 	// SAML are the trusted SAML 2.0 identity providers (subject tokens of
 	// type saml2 at the token endpoint).
 	SAML         []SAMLIssuerConfig
@@ -216,7 +220,7 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 		ts.saml = append(ts.saml, si)
 	}
 	ts.sources = newKeySources(cfg.KeySources, KeySourceConfig{
-		FetchTimeout: cfg.FetchTimeout, HTTPClient: cfg.HTTPClient, Now: ts.now,
+		FetchTimeout: cfg.FetchTimeout, HTTPClient: cfg.HTTPClient, Now: ts.now, Deferred: cfg.DeferFetching,
 	})
 	for _, ic := range cfg.Issuers {
 		if err := validateIssuerConfig(&ic); err != nil {
@@ -463,4 +467,14 @@ func keyFitsAlgorithm(pub any, alg string) bool {
 // algorithmAllowed tells whether alg is on the issuer's allow-list.
 func (ti *trustedIssuer) algorithmAllowed(alg string) bool {
 	return slices.Contains(ti.cfg.Algorithms, alg)
+}
+
+// StartFetching starts the background refresh of every issuer's keys
+// (sources already running are left as they are).
+func (ts *TrustStore) StartFetching() {
+	for _, ti := range ts.issuers {
+		if ti.keys != nil {
+			ti.keys.src.Start()
+		}
+	}
 }
