@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"github.com/dustin/go-humanize"
-	"slices"
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
@@ -465,13 +464,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
-	if len(h.Audiences) == 0 {
-		return d.Err("token_exchange: at least one audience is required: add `audience <aud>` (the aud the upstream API expects, e.g. audience https://orders.internal) to this block, or write it inline: token_exchange https://orders.internal")
-	}
-	for _, s := range h.RequireScopes {
-		if !slices.Contains(h.Scopes, s) {
-			return d.Errf("token_exchange: require_scope '%s' is not among the route's scope: add it to scope, or remove it from require_scope", s)
-		}
+	// The library's validator, as Provision runs it for JSON configs; here
+	// the error names the line.
+	g := exchange.Grant{Audiences: h.Audiences, Scopes: h.Scopes, RequireScopes: h.RequireScopes, Claims: h.Claims}
+	if err := g.Validate(); err != nil {
+		return d.Errf("token_exchange: %v", err)
 	}
 	return nil
 }

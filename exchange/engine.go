@@ -178,7 +178,7 @@ type ExchangeInput struct {
 // Validate checks a grant at configuration time.
 func (g *Grant) Validate() error {
 	if len(g.Audiences) == 0 {
-		return errors.New("at least one audience is required")
+		return errors.New("at least one audience is required: add `audience <aud>` (the aud the upstream API expects, e.g. audience https://orders.internal) to this block, or write it inline: token_exchange https://orders.internal")
 	}
 	for _, c := range g.Claims {
 		if IsRegisteredClaim(c) {
@@ -192,7 +192,7 @@ func (g *Grant) Validate() error {
 	}
 	for _, s := range g.RequireScopes {
 		if !slices.Contains(g.Scopes, s) {
-			return fmt.Errorf("require_scope %q is not among the scopes this route delegates", s)
+			return fmt.Errorf("require_scope '%s' is not among the route's scope: add it to scope, or remove it from require_scope", s)
 		}
 	}
 	g.cacheID = g.identity()
