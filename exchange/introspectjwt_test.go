@@ -236,3 +236,22 @@ func TestIntrospectionPrivateKeyJWTConfigErrors(t *testing.T) {
 		})
 	}
 }
+
+// A JWE is opaque to the gateway: with an opaque_tokens issuer it is
+// introspected (zitadel/oidc encrypts its opaque access tokens to itself),
+// without one it is refused as before.
+func TestIntrospectionJWEShapedToken(t *testing.T) {
+	idp := introIdP(t)
+	ts := newTestTrust(t, introIssuer(idp))
+	jwe := idp.OpaqueAs("eyJhbGciOiJBMjU2R0NNS1ciLCJlbmMiOiJBMjU2R0NNIn0.a2V5.aXY.Y2lwaGVy.dGFn", testidp.Claims{"scope": "a"})
+	s, err := ts.Verify(context.Background(), jwe, VerifyOptions{})
+	if err != nil || s.Subject != "alice" {
+		t.Fatalf("a JWE-shaped opaque token: %v", err)
+	}
+	if n := idp.Introspection.Calls.Load(); n != 1 {
+		t.Fatalf("%d introspection calls", n)
+	}
+	plain := newTestTrust(t, issuerConfig(idp, "ES256"))
+	_, err = plain.Verify(context.Background(), jwe, VerifyOptions{})
+	wantKind(t, err, KindInvalidToken, "malformed")
+}

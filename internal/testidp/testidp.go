@@ -127,7 +127,12 @@ func (ti *Issuer) IntrospectionURL() string { return ti.Server.URL + "/introspec
 func (ti *Issuer) Opaque(c Claims) string {
 	b := make([]byte, 24)
 	_, _ = rand.Read(b)
-	tok := "opq_" + base64.RawURLEncoding.EncodeToString(b)
+	return ti.OpaqueAs("opq_"+base64.RawURLEncoding.EncodeToString(b), c)
+}
+
+// OpaqueAs is Opaque with the token's text chosen by the caller (a
+// JWE-shaped one, say).
+func (ti *Issuer) OpaqueAs(tok string, c Claims) string {
 	now := time.Now()
 	full := Claims{"active": true, "iss": ti.Iss, "sub": "alice", "aud": ti.Audience, "client_id": "web-app",
 		"exp": now.Add(10 * time.Minute).Unix(), "iat": now.Unix(), "token_type": "Bearer"}
