@@ -114,7 +114,7 @@ func TestIntrospectionJWTResponseUnasked(t *testing.T) {
 
 // writeClientKey writes a private key for alg to a file (a JWK with kid, or
 // PKCS#8 PEM) and returns its path and public JWKS as the IdP registers it.
-func writeClientKey(t *testing.T, alg string, asPEM bool) (string, jwk.Set) {
+func writeClientKey(t testing.TB, alg string, asPEM bool) (string, jwk.Set) {
 	t.Helper()
 	priv := testidp.GenerateKey(t, alg)
 	path := filepath.Join(t.TempDir(), "gateway-key")
@@ -254,4 +254,39 @@ func TestIntrospectionJWEShapedToken(t *testing.T) {
 	plain := newTestTrust(t, issuerConfig(idp, "ES256"))
 	_, err = plain.Verify(context.Background(), jwe, VerifyOptions{})
 	wantKind(t, err, KindInvalidToken, "malformed")
+}
+
+// Cold introspection cost with an RFC 9701 response (ES256 verify on top of
+// the call) and with private_key_jwt (ES256 assertion signed per call; the
+// test IdP verifies it).
+func BenchmarkIntrospectionSigned(b *testing.B) {
+	ctx := context.Background()
+	run := func(b *testing.B, idp *testidp.Issuer, ts *TrustStore) {
+		toks := make([]string, b.N)
+		for i := range toks {
+			toks[i] = idp.Opaque(testidp.Claims{"scope": "a"})
+		}
+		b.ReportAllocs()
+		b.ResetTimer()
+		for i := 0; i < b.N; i++ {
+			if _, err := ts.Verify(ctx, toks[i], VerifyOptions{}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	b.Run("cold-jwt-response", func(b *testing.B) {
+		idp := introIdP(b)
+		idp.Introspection.SetJWTResponse(testidp.JWTResponse{Key: "ec-1"})
+		ic := introIssuer(idp)
+		ic.Introspection.JWTResponse = true
+		run(b, idp, newTestTrust(b, ic))
+	})
+	b.Run("cold-private_key_jwt", func(b *testing.B) {
+		idp := introIdP(b)
+		path, pub := writeClientKey(b, "ES256", false)
+		idp.Introspection.ClientKeys = pub
+		ic := introIssuer(idp)
+		ic.Introspection.ClientSecret, ic.Introspection.AuthMethod, ic.Introspection.KeyFile = "", "private_key_jwt", path
+		run(b, idp, newTestTrust(b, ic))
+	})
 }
