@@ -148,8 +148,16 @@ type TrustedIssuer struct {
 	// placeholders, resolved at provision: keep the secret out of the config.
 	IntrospectionClientID     string `json:"introspection_client_id,omitempty"`
 	IntrospectionClientSecret string `json:"introspection_client_secret,omitempty"`
-	// IntrospectionAuth is client_secret_basic (default) or client_secret_post.
+	// IntrospectionAuth is client_secret_basic (default), client_secret_post
+	// or private_key_jwt (RFC 7523, signed with IntrospectionKeyFile).
 	IntrospectionAuth string `json:"introspection_auth,omitempty"`
+	// IntrospectionKeyFile is the gateway's private key at the issuer (JWK
+	// or PEM) for private_key_jwt; read at provision.
+	IntrospectionKeyFile string `json:"introspection_key_file,omitempty"`
+	// IntrospectionJWTResponse asks for RFC 9701 JWT responses only (a
+	// plain JSON answer is then a failed call). Without it, JSON is asked
+	// for and a JWT response is verified all the same.
+	IntrospectionJWTResponse bool `json:"introspection_jwt_response,omitempty"`
 	// IntrospectionCache bounds how long an active result is reused
 	// (default 1m; never past the token's exp).
 	IntrospectionCache caddy.Duration `json:"introspection_cache,omitempty"`
@@ -257,6 +265,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 				ClientID:         repl.ReplaceKnown(t.IntrospectionClientID, ""),
 				ClientSecret:     repl.ReplaceKnown(t.IntrospectionClientSecret, ""),
 				AuthMethod:       t.IntrospectionAuth,
+				KeyFile:          repl.ReplaceKnown(t.IntrospectionKeyFile, ""),
+				JWTResponse:      t.IntrospectionJWTResponse,
 				CacheTTL:         time.Duration(t.IntrospectionCache),
 				NegativeCacheTTL: time.Duration(t.IntrospectionNegativeCache),
 				Timeout:          time.Duration(t.IntrospectionTimeout),

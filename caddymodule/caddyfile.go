@@ -58,7 +58,9 @@ func init() {
 //	        introspection_url <url>
 //	        introspection_client_id <id>
 //	        introspection_client_secret <secret>   ({env.*}, {file.*})
-//	        introspection_auth client_secret_basic|client_secret_post
+//	        introspection_auth client_secret_basic|client_secret_post|private_key_jwt
+//	        introspection_key_file <jwk-or-pem>   (private_key_jwt: the gateway's key at the IdP)
+//	        introspection_jwt_response           (RFC 9701: ask for, and require, signed JWT responses)
 //	        introspection_cache <duration>
 //	        introspection_negative_cache <duration>
 //	        introspection_timeout <duration>
@@ -229,9 +231,16 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = oneArg(d, &t.IntrospectionClientSecret)
 		case "introspection_auth":
 			if err = oneArg(d, &t.IntrospectionAuth); err == nil &&
-				t.IntrospectionAuth != "client_secret_basic" && t.IntrospectionAuth != "client_secret_post" {
-				return d.Errf("trust %s: introspection_auth must be client_secret_basic or client_secret_post", t.Issuer)
+				t.IntrospectionAuth != "client_secret_basic" && t.IntrospectionAuth != "client_secret_post" && t.IntrospectionAuth != "private_key_jwt" {
+				return d.Errf("trust %s: introspection_auth must be client_secret_basic, client_secret_post or private_key_jwt", t.Issuer)
 			}
+		case "introspection_key_file":
+			err = oneArg(d, &t.IntrospectionKeyFile)
+		case "introspection_jwt_response":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			t.IntrospectionJWTResponse = true
 		case "introspection_cache":
 			err = durationArg(d, &t.IntrospectionCache)
 		case "introspection_negative_cache":
@@ -306,14 +315,20 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if n != 1 {
 		return d.Errf("trust %s: exactly one of jwks_url, jwks_file or discovery (discovery_url) is required, for example: jwks_url https://idp.example.com/.well-known/jwks.json, or discovery", t.Issuer)
 	}
-	introspection := t.IntrospectionURL != "" || t.IntrospectionClientID != "" || t.IntrospectionClientSecret != "" || t.IntrospectionAuth != ""
+	introspection := t.IntrospectionURL != "" || t.IntrospectionClientID != "" || t.IntrospectionClientSecret != "" || t.IntrospectionAuth != "" ||
+		t.IntrospectionKeyFile != "" || t.IntrospectionJWTResponse
+	pkj := t.IntrospectionAuth == "private_key_jwt"
 	switch {
 	case introspection && !t.OpaqueTokens:
 		return d.Errf("trust %s: introspection settings need opaque_tokens", t.Issuer)
 	case t.OpaqueTokens && t.IntrospectionURL == "" && !t.Discovery && t.DiscoveryURL == "":
 		return d.Errf("trust %s: opaque_tokens needs introspection_url or discovery", t.Issuer)
-	case t.OpaqueTokens && (t.IntrospectionClientID == "" || t.IntrospectionClientSecret == ""):
-		return d.Errf("trust %s: opaque_tokens needs introspection_client_id and introspection_client_secret", t.Issuer)
+	case t.OpaqueTokens && pkj && (t.IntrospectionClientID == "" || t.IntrospectionKeyFile == "" || t.IntrospectionClientSecret != ""):
+		return d.Errf("trust %s: introspection_auth private_key_jwt needs introspection_client_id and introspection_key_file, and no introspection_client_secret", t.Issuer)
+	case t.OpaqueTokens && !pkj && (t.IntrospectionClientID == "" || t.IntrospectionClientSecret == ""):
+		return d.Errf("trust %s: opaque_tokens needs introspection_client_id and introspection_client_secret (or introspection_auth private_key_jwt)", t.Issuer)
+	case !pkj && t.IntrospectionKeyFile != "":
+		return d.Errf("trust %s: introspection_key_file is used only with introspection_auth private_key_jwt", t.Issuer)
 	}
 	return nil
 }

@@ -160,6 +160,8 @@ func TestAdaptErrors(t *testing.T) {
 	trust := func(body string) string {
 		return global("\t\tissuer https://gw\n\t\ttrust https://idp {\n" + body + "\n\t\t}")
 	}
+	// a trust block taking opaque tokens, but for the client's credentials
+	const opaqueBase = "\t\t\tdiscovery\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\topaque_tokens\n\t\t\tintrospection_client_id gw\n"
 	handler := func(body string) string {
 		return "{\n\ttoken_exchange {\n\t\tissuer https://gw\n\t}\n}\n:8080 {\n\ttoken_exchange {\n" + body + "\n\t}\n}\n"
 	}
@@ -181,7 +183,12 @@ func TestAdaptErrors(t *testing.T) {
 		{"introspection without opaque_tokens", trust("\t\t\tjwks_file x\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\tintrospection_url https://idp/introspect"), "introspection settings need opaque_tokens"},
 		{"opaque_tokens without endpoint", trust("\t\t\tjwks_file x\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\topaque_tokens\n\t\t\tintrospection_client_id gw\n\t\t\tintrospection_client_secret {env.S}"), "opaque_tokens needs introspection_url or discovery"},
 		{"opaque_tokens without credentials", trust("\t\t\tdiscovery\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\topaque_tokens"), "needs introspection_client_id and introspection_client_secret"},
-		{"bad introspection_auth", trust("\t\t\tdiscovery\n\t\t\tintrospection_auth private_key_jwt"), "introspection_auth must be"},
+		{"bad introspection_auth", trust("\t\t\tdiscovery\n\t\t\tintrospection_auth tls_client_auth"), "introspection_auth must be"},
+		{"private_key_jwt without a key file", trust(opaqueBase + "\t\t\tintrospection_auth private_key_jwt"), "needs introspection_client_id and introspection_key_file"},
+		{"private_key_jwt with a secret", trust(opaqueBase + "\t\t\tintrospection_auth private_key_jwt\n\t\t\tintrospection_key_file gw.jwk\n\t\t\tintrospection_client_secret s"), "no introspection_client_secret"},
+		{"key file with a secret method", trust(opaqueBase + "\t\t\tintrospection_client_secret s\n\t\t\tintrospection_key_file gw.jwk"), "introspection_key_file is used only with introspection_auth private_key_jwt"},
+		{"introspection_jwt_response with an argument", trust(opaqueBase + "\t\t\tintrospection_client_secret s\n\t\t\tintrospection_jwt_response yes"), "wrong argument count"},
+		{"introspection_jwt_response without opaque_tokens", trust("\t\t\tdiscovery\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\tintrospection_jwt_response"), "introspection settings need opaque_tokens"},
 		{"two opaque_tokens blocks", global("\t\tissuer https://gw\n\t\ttrust https://a {\n\t\t\tdiscovery\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\topaque_tokens\n\t\t\tintrospection_client_id gw\n\t\t\tintrospection_client_secret s\n\t\t}\n\t\ttrust https://b {\n\t\t\tdiscovery\n\t\t\taudience a\n\t\t\talgorithms RS256\n\t\t\topaque_tokens\n\t\t\tintrospection_client_id gw\n\t\t\tintrospection_client_secret s\n\t\t}"), "at most one trust block"},
 		{"id_token_claims none and a claim", trust("\t\t\tdiscovery\n\t\t\tid_token_claims none nonce"), "id_token_claims none cannot be combined"},
 		{"unknown trust option", trust("\t\t\tjwks_file x\n\t\t\tcolour blue"), "unrecognized trust option 'colour'"},

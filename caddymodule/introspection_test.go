@@ -1,13 +1,18 @@
 package caddymodule
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/lestrrat-go/jwx/v3/jwa"
+	"github.com/lestrrat-go/jwx/v3/jwk"
 	"github.com/lestrrat-go/jwx/v3/jwt"
 
 	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
@@ -257,4 +262,81 @@ func TestIntrospectionFlood(t *testing.T) {
 		t.Errorf("repeating %d garbage tokens within the negative cache cost %d more IdP calls", n, again)
 	}
 	t.Logf("IdP calls per %d distinct garbage tokens: %d (statuses %v); repeated within 5s: %d (statuses %v)", n, calls, first, again, second)
+}
+
+// TestIntrospectionJWTAndPrivateKeyJWTThroughCaddy: the gateway
+// authenticates at the IdP with an RFC 7523 client assertion signed by its
+// key file (the IdP verifies it with jwx), asks for RFC 9701 JWT responses
+// and verifies them with the trust block's keys; a forged response is 503,
+// never a pass.
+func TestIntrospectionJWTAndPrivateKeyJWTThroughCaddy(t *testing.T) {
+	idp := newDiscoveryIdP(t)
+	idp.AddHiddenKey("rogue", "ES256")
+	idp.Introspection.ClientID = "gateway"
+	priv := testidp.GenerateKey(t, "ES256")
+	key, err := jwk.Import(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = key.Set(jwk.KeyIDKey, "gw-1")
+	data, _ := json.Marshal(key)
+	keyFile := filepath.Join(t.TempDir(), "gateway-at-idp.jwk")
+	if err := os.WriteFile(keyFile, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := jwk.Import(priv.Public())
+	_ = pub.Set(jwk.KeyIDKey, "gw-1")
+	_ = pub.Set(jwk.AlgorithmKey, jwa.ES256())
+	set := jwk.NewSet()
+	_ = set.AddKey(pub)
+	idp.Introspection.ClientKeys = set
+	idp.Introspection.SetJWTResponse(testidp.JWTResponse{Key: "ec-1"})
+
+	g := startIdPGateway(t, idp, `			discovery
+			opaque_tokens
+			introspection_client_id gateway
+			introspection_auth private_key_jwt
+			introspection_key_file `+keyFile+`
+			introspection_jwt_response
+			introspection_timeout 1s
+`)
+	opaque := idp.Opaque(testidp.Claims{"scope": "orders.read profile"})
+	if resp := g.try(t, opaque); resp.StatusCode != http.StatusOK {
+		t.Fatalf("opaque token, signed introspection response: status %d (%s)", resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
+	}
+	if m := g.mintedClaims(t); m["sub"] != "alice" || m["scope"] != "orders.read" {
+		t.Fatalf("minted claims %v", m)
+	}
+	// a second token: a second assertion with a fresh jti (the IdP refuses replays)
+	if resp := g.try(t, idp.Opaque(testidp.Claims{"scope": "orders.read"})); resp.StatusCode != http.StatusOK {
+		t.Fatalf("second opaque token: status %d", resp.StatusCode)
+	}
+	idp.Introspection.Mu().Lock()
+	methods, accepts := strings.Join(idp.Introspection.Methods, " "), strings.Join(idp.Introspection.Accepts, " ")
+	idp.Introspection.Mu().Unlock()
+	if methods != "private_key_jwt private_key_jwt" || accepts != "application/token-introspection+jwt application/token-introspection+jwt" {
+		t.Fatalf("client authentication %q, Accept %q", methods, accepts)
+	}
+	// a response signed by a key the issuer never published: 503, logged
+	idp.Introspection.SetJWTResponse(testidp.JWTResponse{Key: "ec-1", ForgeWith: "rogue"})
+	forged := idp.Opaque(testidp.Claims{"scope": "orders.read"})
+	assertServed503(t, g.try(t, forged), "forged JWT introspection response")
+	// an IdP that answers plain JSON although a JWT was asked for: 503
+	idp.Introspection.SetJWTResponse(testidp.JWTResponse{})
+	assertServed503(t, g.try(t, forged), "JSON introspection response with introspection_jwt_response")
+	if g.upstream.calls() != 2 {
+		t.Fatalf("the upstream was called %d times, want 2", g.upstream.calls())
+	}
+	if !strings.Contains(g.logs(t), "introspection_bad_jwt") {
+		t.Error("the bad JWT response is not logged")
+	}
+	// not cached: a good response again, the token passes
+	idp.Introspection.SetJWTResponse(testidp.JWTResponse{Key: "ec-1"})
+	if resp := g.try(t, forged); resp.StatusCode != http.StatusOK {
+		t.Fatalf("after recovery: status %d", resp.StatusCode)
+	}
+	if strings.Contains(g.logs(t), string(data)) || strings.Contains(g.logs(t), `"d":`) {
+		t.Fatal("the gateway's private key was logged")
+	}
+	g.assertNoTokenLogged(t, opaque, forged)
 }

@@ -47,8 +47,17 @@ type IntrospectionConfig struct {
 	URL string
 	// ClientID and ClientSecret are the gateway's credentials at the issuer.
 	ClientID, ClientSecret string
-	// AuthMethod is client_secret_basic (default) or client_secret_post.
+	// AuthMethod is client_secret_basic (default), client_secret_post or
+	// private_key_jwt (RFC 7523, signed with the key of KeyFile).
 	AuthMethod string
+	// KeyFile is the gateway's private key at the issuer (JWK or PEM), for
+	// private_key_jwt.
+	KeyFile string
+	// JWTResponse asks for RFC 9701 JWT responses only (Accept:
+	// application/token-introspection+jwt): a plain JSON answer is then a
+	// failed call. Without it, JSON is asked for, and a JWT response the
+	// issuer sends anyway is verified all the same.
+	JWTResponse bool
 	// CacheTTL bounds how long an active result is reused (default
 	// DefaultIntrospectionCache); never past the token's exp.
 	CacheTTL time.Duration
@@ -63,10 +72,12 @@ type IntrospectionConfig struct {
 	MaxConcurrent int
 	// MaxCacheEntries bounds the result cache (default DefaultIntrospectionCacheEntries).
 	MaxCacheEntries int
+
+	signer *assertionSigner
 }
 
 func (c *IntrospectionConfig) configured() bool {
-	return c.URL != "" || c.ClientID != "" || c.ClientSecret != "" || c.AuthMethod != ""
+	return c.URL != "" || c.ClientID != "" || c.ClientSecret != "" || c.AuthMethod != "" || c.KeyFile != "" || c.JWTResponse
 }
 
 func validateIntrospection(ic *IssuerConfig) error {
@@ -86,15 +97,32 @@ func validateIntrospection(ic *IssuerConfig) error {
 			return errors.New("introspection_url must be an absolute http(s) URL")
 		}
 	}
-	if c.ClientID == "" || c.ClientSecret == "" {
-		return errors.New("opaque_tokens needs introspection_client_id and introspection_client_secret (the gateway's credentials at the issuer)")
+	if c.ClientID == "" {
+		return errors.New("opaque_tokens needs introspection_client_id (the gateway's client at the issuer)")
 	}
 	switch c.AuthMethod {
 	case "":
 		c.AuthMethod = "client_secret_basic"
-	case "client_secret_basic", "client_secret_post":
+	case "client_secret_basic", "client_secret_post", "private_key_jwt":
 	default:
-		return fmt.Errorf("introspection_auth must be client_secret_basic or client_secret_post, not %q", c.AuthMethod)
+		return fmt.Errorf("introspection_auth must be client_secret_basic, client_secret_post or private_key_jwt, not %q", c.AuthMethod)
+	}
+	if c.AuthMethod == "private_key_jwt" {
+		if c.KeyFile == "" || c.ClientSecret != "" {
+			return errors.New("introspection_auth private_key_jwt needs introspection_key_file, and no introspection_client_secret")
+		}
+		s, err := loadAssertionKey(c.KeyFile)
+		if err != nil {
+			return err
+		}
+		c.signer = s
+	} else {
+		if c.ClientSecret == "" {
+			return errors.New("opaque_tokens needs introspection_client_id and introspection_client_secret (the gateway's credentials at the issuer), or introspection_auth private_key_jwt")
+		}
+		if c.KeyFile != "" {
+			return errors.New("introspection_key_file is used only with introspection_auth private_key_jwt")
+		}
 	}
 	for _, d := range []struct {
 		v    *time.Duration
@@ -326,16 +354,30 @@ func (in *introspector) call(ctx, reqCtx context.Context, raw string, maxAct int
 	ctx, cancel := context.WithTimeout(ctx, in.cfg.Timeout)
 	defer cancel()
 	form := url.Values{"token": {raw}, "token_type_hint": {"access_token"}}
-	if in.cfg.AuthMethod == "client_secret_post" {
+	switch in.cfg.AuthMethod {
+	case "client_secret_post":
 		form.Set("client_id", in.cfg.ClientID)
 		form.Set("client_secret", in.cfg.ClientSecret)
+	case "private_key_jwt":
+		// RFC 7523 §2.2; aud is the endpoint the assertion is sent to.
+		assertion, err := in.cfg.signer.sign(in.cfg.ClientID, endpoint, in.ts.now())
+		if err != nil {
+			return in.unavailable("introspection_failed", "token introspection failed", err, raw)
+		}
+		form.Set("client_id", in.cfg.ClientID)
+		form.Set("client_assertion_type", ClientAssertionTypeJWTBearer)
+		form.Set("client_assertion", assertion)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, endpoint, strings.NewReader(form.Encode()))
 	if err != nil {
 		return in.unavailable("introspection_failed", "token introspection failed", err, raw)
 	}
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	req.Header.Set("Accept", "application/json")
+	if in.cfg.JWTResponse {
+		req.Header.Set("Accept", IntrospectionJWTMediaType)
+	} else {
+		req.Header.Set("Accept", "application/json")
+	}
 	if in.cfg.AuthMethod == "client_secret_basic" {
 		// RFC 6749 §2.3.1: both form-urlencoded before Basic.
 		req.SetBasicAuth(url.QueryEscape(in.cfg.ClientID), url.QueryEscape(in.cfg.ClientSecret))
@@ -361,18 +403,27 @@ func (in *introspector) call(ctx, reqCtx context.Context, raw string, maxAct int
 		in.count("error")
 		return in.unavailable("introspection_failed", "token introspection failed", fmt.Errorf("the response exceeds %d bytes", MaxIntrospectionBodySize), raw)
 	}
-	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt == "application/token-introspection+jwt" {
-		in.count("error")
-		return in.unavailable("introspection_failed", "token introspection failed", errors.New("JWT introspection responses (RFC 9701) are not supported"), raw)
-	}
 	var claims map[string]any
-	if err := checkStrictJSON(body); err != nil {
-		in.count("error")
-		return in.unavailable("introspection_failed", "token introspection failed", fmt.Errorf("the response is not strict JSON: %w", err), raw)
-	}
-	if err := json.Unmarshal(body, &claims); err != nil || claims == nil {
-		in.count("error")
-		return in.unavailable("introspection_failed", "token introspection failed", errors.New("the response is not a JSON object"), raw)
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt == IntrospectionJWTMediaType {
+		// RFC 9701: verified with the issuer's keys, else a failed call.
+		if claims, err = in.verifyIntrospectionJWT(ctx, body); err != nil {
+			in.count("error")
+			return in.unavailable("introspection_bad_jwt", "token introspection failed", err, raw)
+		}
+	} else {
+		if in.cfg.JWTResponse {
+			in.count("error")
+			return in.unavailable("introspection_failed", "token introspection failed",
+				fmt.Errorf("introspection_jwt_response is set and the response is %q, not %s", mt, IntrospectionJWTMediaType), raw)
+		}
+		if err := checkStrictJSON(body); err != nil {
+			in.count("error")
+			return in.unavailable("introspection_failed", "token introspection failed", fmt.Errorf("the response is not strict JSON: %w", err), raw)
+		}
+		if err := json.Unmarshal(body, &claims); err != nil || claims == nil {
+			in.count("error")
+			return in.unavailable("introspection_failed", "token introspection failed", errors.New("the response is not a JSON object"), raw)
+		}
 	}
 	now := in.ts.now()
 	s, until, terr := in.subject(raw, claims, now, maxAct)

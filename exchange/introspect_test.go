@@ -31,7 +31,7 @@ func TestIntrospectionConfigErrors(t *testing.T) {
 	noOpaque := introIssuer(a)
 	noOpaque.OpaqueTokens = false
 	badAuth := introIssuer(a)
-	badAuth.Introspection.AuthMethod = "private_key_jwt"
+	badAuth.Introspection.AuthMethod = "tls_client_auth"
 	noURL := introIssuer(a)
 	noURL.Introspection.URL = ""
 	for name, tc := range map[string]struct {

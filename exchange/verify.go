@@ -110,13 +110,14 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	}
 	hdr, p64, s64, err := splitJWS(raw)
 	switch {
+	case (errors.Is(err, errJWE) || errors.Is(err, errNotCompact)) && ts.opaque != nil:
+		// Not a JWS: an opaque token, for the issuer that takes them. A JWE
+		// is opaque too: some IdPs (zitadel/oidc) encrypt their opaque
+		// access tokens to themselves; only the issuer can read them.
+		return ts.opaque.verify(ctx, raw, opts)
 	case errors.Is(err, errJWE):
 		return nil, invalidToken("malformed", "encrypted tokens (JWE) are not accepted")
 	case errors.Is(err, errNotCompact):
-		if ts.opaque != nil {
-			// Not a JWS: an opaque token, for the issuer that takes them.
-			return ts.opaque.verify(ctx, raw, opts)
-		}
 		return nil, invalidToken("malformed", "token is not a compact JWS (header.payload.signature)")
 	case errors.Is(err, errEmptySegment):
 		return nil, invalidToken("malformed", "token has an empty segment")

@@ -74,11 +74,45 @@ type Introspection struct {
 	Mode                   atomic.Int32
 	Delay                  time.Duration
 	// Calls counts requests; Hints records token_type_hint values; Methods
-	// records the client authentication used ("basic" or "post").
+	// records the client authentication used ("basic", "post" or
+	// "private_key_jwt"); Accepts records the Accept headers.
 	Calls   atomic.Int64
 	mu      sync.Mutex
 	Hints   []string
 	Methods []string
+	Accepts []string
+
+	// ClientKeys, when set, are the public keys of the client: a request
+	// must authenticate with an RFC 7523 client assertion (private_key_jwt)
+	// signed with one of them, iss = sub = ClientID, aud = the
+	// introspection URL, unexpired, with a jti never seen before.
+	ClientKeys jwk.Set
+	jtis       map[string]bool
+
+	jwt JWTResponse
+}
+
+// JWTResponse is how the endpoint answers with RFC 9701 JWTs.
+type JWTResponse struct {
+	// Key, when set, is the kid of the IdP key that signs RFC 9701 JWT
+	// responses, sent when the request's Accept names
+	// application/token-introspection+jwt (or always, with Always).
+	Key    string
+	Always bool
+	// Override changes the JWT's top-level claims (a nil value removes
+	// one); Typ, if set, replaces its typ header.
+	Override Claims
+	Typ      string
+	// ForgeWith, if set, is the kid of the key that really signs the JWT
+	// while its header names Key (a forged signature).
+	ForgeWith string
+}
+
+// SetJWTResponse sets how the endpoint answers with JWTs.
+func (in *Introspection) SetJWTResponse(j JWTResponse) {
+	in.mu.Lock()
+	in.jwt = j
+	in.mu.Unlock()
 }
 
 // Mu guards Hints and Methods.
@@ -93,7 +127,12 @@ func (ti *Issuer) IntrospectionURL() string { return ti.Server.URL + "/introspec
 func (ti *Issuer) Opaque(c Claims) string {
 	b := make([]byte, 24)
 	_, _ = rand.Read(b)
-	tok := "opq_" + base64.RawURLEncoding.EncodeToString(b)
+	return ti.OpaqueAs("opq_"+base64.RawURLEncoding.EncodeToString(b), c)
+}
+
+// OpaqueAs is Opaque with the token's text chosen by the caller (a
+// JWE-shaped one, say).
+func (ti *Issuer) OpaqueAs(tok string, c Claims) string {
 	now := time.Now()
 	full := Claims{"active": true, "iss": ti.Iss, "sub": "alice", "aud": ti.Audience, "client_id": "web-app",
 		"exp": now.Add(10 * time.Minute).Unix(), "iat": now.Unix(), "token_type": "Bearer"}
@@ -187,18 +226,30 @@ func (ti *Issuer) introspect(w http.ResponseWriter, r *http.Request) {
 	}
 	method := "post"
 	id, secret, basic := r.BasicAuth()
-	if basic {
+	switch {
+	case basic:
 		method = "basic"
 		id, _ = url.QueryUnescape(id)
 		secret, _ = url.QueryUnescape(secret)
-	} else {
+	case r.PostForm.Get("client_assertion") != "":
+		method = "private_key_jwt"
+		id = r.PostForm.Get("client_id")
+	default:
 		id, secret = r.PostForm.Get("client_id"), r.PostForm.Get("client_secret")
 	}
 	in.mu.Lock()
 	in.Hints = append(in.Hints, r.PostForm.Get("token_type_hint"))
 	in.Methods = append(in.Methods, method)
+	in.Accepts = append(in.Accepts, r.Header.Get("Accept"))
+	jr := in.jwt
 	in.mu.Unlock()
-	if in.ClientID == "" || id != in.ClientID || secret != in.ClientSecret {
+	var authOK bool
+	if in.ClientKeys != nil {
+		authOK = method == "private_key_jwt" && ti.checkAssertion(r, id)
+	} else {
+		authOK = in.ClientID != "" && method != "private_key_jwt" && id == in.ClientID && secret == in.ClientSecret
+	}
+	if !authOK {
 		w.Header().Set("WWW-Authenticate", `Basic realm="idp"`)
 		http.Error(w, `{"error":"invalid_client"}`, http.StatusUnauthorized)
 		return
@@ -206,12 +257,78 @@ func (ti *Issuer) introspect(w http.ResponseWriter, r *http.Request) {
 	ti.mu.Lock()
 	claims, ok := ti.opaque[r.PostForm.Get("token")]
 	ti.mu.Unlock()
-	w.Header().Set("Content-Type", "application/json")
 	if !ok {
-		_, _ = io.WriteString(w, `{"active":false}`)
+		claims = Claims{"active": false}
+	}
+	if jr.Key != "" && (jr.Always || strings.Contains(r.Header.Get("Accept"), "application/token-introspection+jwt")) {
+		w.Header().Set("Content-Type", "application/token-introspection+jwt")
+		_, _ = io.WriteString(w, ti.introspectionJWT(jr, claims))
 		return
 	}
+	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(claims)
+}
+
+// checkAssertion verifies an RFC 7523 client assertion with jwx: signature
+// by one of ClientKeys, iss = sub = ClientID = client_id, aud = the
+// introspection URL, exp, iat, and a jti not seen before.
+func (ti *Issuer) checkAssertion(r *http.Request, id string) bool {
+	in := &ti.Introspection
+	if r.PostForm.Get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" || id != in.ClientID {
+		return false
+	}
+	tok, err := jwt.Parse([]byte(r.PostForm.Get("client_assertion")), jwt.WithKeySet(in.ClientKeys),
+		jwt.WithIssuer(in.ClientID), jwt.WithSubject(in.ClientID), jwt.WithAudience(ti.IntrospectionURL()),
+		jwt.WithRequiredClaim("exp"), jwt.WithRequiredClaim("iat"), jwt.WithRequiredClaim("jti"),
+		jwt.WithMaxDelta(2*time.Minute, jwt.ExpirationKey, jwt.IssuedAtKey))
+	if err != nil {
+		return false
+	}
+	jti, _ := tok.JwtID()
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	if in.jtis == nil {
+		in.jtis = map[string]bool{}
+	}
+	if jti == "" || in.jtis[jti] {
+		return false
+	}
+	in.jtis[jti] = true
+	return true
+}
+
+// introspectionJWT signs an RFC 9701 response carrying claims as its
+// token_introspection member: typ token-introspection+jwt, iss, aud (the
+// client), iat.
+func (ti *Issuer) introspectionJWT(jr JWTResponse, claims Claims) string {
+	full := map[string]any{"iss": ti.Iss, "aud": ti.Introspection.ClientID, "iat": time.Now().Unix(), "token_introspection": claims}
+	for name, v := range jr.Override {
+		if v == nil {
+			delete(full, name)
+			continue
+		}
+		full[name] = v
+	}
+	payload, _ := json.Marshal(full)
+	ti.mu.Lock()
+	k := ti.keys[jr.Key]
+	if jr.ForgeWith != "" {
+		k = ti.keys[jr.ForgeWith]
+	}
+	ti.mu.Unlock()
+	typ := "token-introspection+jwt"
+	if jr.Typ != "" {
+		typ = jr.Typ
+	}
+	hdr := jws.NewHeaders()
+	_ = hdr.Set(jws.KeyIDKey, jr.Key)
+	_ = hdr.Set(jws.TypeKey, typ)
+	alg, _ := jwa.LookupSignatureAlgorithm(k.alg)
+	b, err := jws.Sign(payload, jws.WithKey(alg, k.priv, jws.WithProtectedHeaders(hdr)))
+	if err != nil {
+		panic(err)
+	}
+	return string(b)
 }
 
 type testKey struct {
