@@ -57,15 +57,20 @@ func (s exchangeSpan) exchanged(m *exchange.Minted, cacheOn bool) {
 	s.span.End()
 }
 
-// refused ends the span of a refusal: its outcome, reason and status; an
-// error status only when the gateway failed (5xx), not the token.
+// refused ends the span of a middleware refusal.
 func (s exchangeSpan) refused(e *exchange.Error) {
 	if s.span == nil {
 		return
 	}
 	status, _ := exchange.BearerStatus(e)
+	s.failed(refusalOutcome(e), status, e)
+}
+
+// failed ends the span of a refusal: its outcome, reason and status; an
+// error status only when the gateway failed (5xx), not the token.
+func (s exchangeSpan) failed(outcome string, status int, e *exchange.Error) {
 	attrs := []attribute.KeyValue{
-		attribute.String("token_exchange.outcome", refusalOutcome(e)),
+		attribute.String("token_exchange.outcome", outcome),
 		attribute.String("token_exchange.reason", e.Reason),
 		attribute.Int("http.response.status_code", status),
 	}
@@ -79,4 +84,37 @@ func (s exchangeSpan) refused(e *exchange.Error) {
 		s.span.SetStatus(codes.Error, e.Reason)
 	}
 	s.span.End()
+}
+
+type endpointSpanKey struct{}
+
+// withEndpointSpan starts the span of a token endpoint request, kept in
+// the request's context for endEndpointSpan (the endpoint's outcome hook).
+func withEndpointSpan(r *http.Request) *http.Request {
+	span := startExchangeSpan(r.Context(), "token_endpoint")
+	if span.span == nil {
+		return r
+	}
+	return r.WithContext(context.WithValue(r.Context(), endpointSpanKey{}, span))
+}
+
+// endEndpointSpan ends it with the endpoint's answer: the client, and the
+// minted token's facts or the OAuth error.
+func endEndpointSpan(r *http.Request, o *exchange.EndpointOutcome, cacheOn bool) {
+	span, ok := r.Context().Value(endpointSpanKey{}).(exchangeSpan)
+	if !ok {
+		return
+	}
+	if o.Client != nil {
+		span.span.SetAttributes(attribute.String("token_exchange.client_id", o.Client.ClientID))
+	}
+	if o.Issued != nil {
+		span.exchanged(o.Issued.Minted, cacheOn)
+		return
+	}
+	e := o.Err
+	if e == nil {
+		e = &exchange.Error{}
+	}
+	span.failed(o.Code, o.Status, e)
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -145,6 +146,11 @@ func TestTracingSpanPerExchange(t *testing.T) {
 			audience https://gateway.test
 			algorithms RS256
 		}
+		client billing-svc {
+			secret_hash %s
+			audience https://billing.internal
+			scope billing.read
+		}
 	}
 }
 http://localhost:%d {
@@ -159,8 +165,11 @@ http://localhost:%d {
 		}
 		reverse_proxy %s
 	}
+	handle /oauth2/token {
+		token_exchange_endpoint
+	}
 }
-`, testGlobalOptions(logFile, t.TempDir()), gatewayIssuer, idp.JWKSURL(), gatewayPort, strings.TrimPrefix(upstream.URL, "http://"))
+`, testGlobalOptions(logFile, t.TempDir()), gatewayIssuer, idp.JWKSURL(), bcryptHash(t, "s3cret-billing"), gatewayPort, strings.TrimPrefix(upstream.URL, "http://"))
 	tester := caddytest.NewTester(t)
 	tester.InitServer(config, "caddyfile")
 	g := &gateway{tester: tester, idp: idp, upstream: upstream, logFile: logFile}
@@ -181,16 +190,51 @@ http://localhost:%d {
 		t.Fatalf("no scope: status %d", resp.StatusCode)
 	}
 
-	spans := otlp.waitSpans(t, "token_exchange", 3)
+	// the token endpoint: a success and a client that fails to authenticate
+	billing := idp.Token("rsa-1", testidp.Claims{"sub": "alice-7f3", "scope": "billing.read"})
+	for _, tc := range []struct {
+		secret string
+		status int
+	}{{"s3cret-billing", http.StatusOK}, {"wrong", http.StatusUnauthorized}} {
+		form := url.Values{
+			"grant_type":         {exchange.GrantTypeTokenExchange},
+			"subject_token":      {billing},
+			"subject_token_type": {exchange.TokenTypeAccessToken},
+			"audience":           {"https://billing.internal"},
+		}
+		req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://localhost:%d/oauth2/token", gatewayPort), strings.NewReader(form.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.SetBasicAuth("billing-svc", tc.secret)
+		resp, err := tester.Client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = resp.Body.Close()
+		if resp.StatusCode != tc.status {
+			t.Fatalf("token endpoint with secret %q: status %d", tc.secret, resp.StatusCode)
+		}
+	}
+
+	spans := otlp.waitSpans(t, "token_exchange", 5)
 	subHash := exchange.HashToken("alice-7f3")
 	var outcomes, caches []string
-	for _, s := range spans {
+	for i, s := range spans {
 		a := spanAttrs(s)
 		outcomes = append(outcomes, a["token_exchange.outcome"])
 		caches = append(caches, a["token_exchange.cache"])
-		if a["token_exchange.sub_sha256"] != subHash || a["token_exchange.subject_issuer"] != "https://idp.test" ||
-			a["token_exchange.route"] != "https://orders.internal" {
-			t.Errorf("span attributes %v", a)
+		route, issuer := "https://orders.internal", "https://idp.test"
+		switch i {
+		case 3:
+			route = "token_endpoint"
+			if a["token_exchange.client_id"] != "billing-svc" || a["token_exchange.audience"] != "https://billing.internal" {
+				t.Errorf("endpoint span attributes %v", a)
+			}
+		case 4:
+			route, issuer, subHash = "token_endpoint", "", ""
+		}
+		if a["token_exchange.sub_sha256"] != subHash || a["token_exchange.subject_issuer"] != issuer ||
+			a["token_exchange.route"] != route {
+			t.Errorf("span %d attributes %v", i, a)
 		}
 		// a child of Caddy's server span of the same request
 		parent := otlp.spanByID(s.ParentSpanId)
@@ -201,7 +245,7 @@ http://localhost:%d {
 			t.Errorf("parent %q kind %v", parent.Name, parent.Kind)
 		}
 	}
-	if strings.Join(outcomes, ",") != "ok,ok,insufficient_scope" || strings.Join(caches, ",") != "miss,hit," {
+	if strings.Join(outcomes, ",") != "ok,ok,insufficient_scope,ok,invalid_client" || strings.Join(caches[:3], ",") != "miss,hit," {
 		t.Fatalf("outcomes %v, caches %v", outcomes, caches)
 	}
 	if a := spanAttrs(spans[2]); a["token_exchange.reason"] == "" || a["http.response.status_code"] != "403" {
@@ -214,7 +258,7 @@ http://localhost:%d {
 	otlp.mu.Lock()
 	raw := otlp.raw.String()
 	otlp.mu.Unlock()
-	for _, secret := range []string{good, noScope, good[:strings.LastIndex(good, ".")], "alice-7f3"} {
+	for _, secret := range []string{good, noScope, billing, good[:strings.LastIndex(good, ".")], "alice-7f3", "s3cret-billing"} {
 		if strings.Contains(raw, secret) {
 			t.Fatal("a token or a raw sub was exported in a span")
 		}
