@@ -19,11 +19,12 @@ import (
 
 // adminConfig is a gateway with one route (audience aud) and one endpoint
 // client, for the admin API tests.
-func adminConfig(t *testing.T, logFile, storage, jwksURL, aud string) string {
+func adminConfig(t *testing.T, logFile, storage, jwksURL, aud string, extra ...string) string {
 	t.Helper()
 	return fmt.Sprintf(`{
 %s	token_exchange {
 		issuer %s
+		%s
 		trust https://idp.test {
 			jwks_url %s
 			audience https://gateway.test
@@ -52,7 +53,7 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, testGlobalOptions(logFile, storage), gatewayIssuer, jwksURL, bcryptHash(t, "s3cret-billing"), gatewayPort, aud)
+`, testGlobalOptions(logFile, storage), gatewayIssuer, strings.Join(extra, "\n\t\t"), jwksURL, bcryptHash(t, "s3cret-billing"), gatewayPort, aud)
 }
 
 // adminCall sends a request to Caddy's admin endpoint.
@@ -251,5 +252,32 @@ func TestAdminKeys(t *testing.T) {
 
 	if status, out := adminCall(t, tester, http.MethodPost, "/token-exchange/keys", map[string]any{}); status != http.StatusMethodNotAllowed {
 		t.Fatalf("POST keys: %d %s", status, out)
+	}
+
+	// a signing_key_file: its one key, from the file
+	keyFile := filepath.Join(t.TempDir(), "key.jwk")
+	c := keygenCommand()
+	c.SetArgs([]string{"--out", keyFile})
+	c.SetOut(io.Discard)
+	if err := c.Execute(); err != nil {
+		t.Fatal(err)
+	}
+	tester.InitServer(adminConfig(t, logFile, storage, idp.JWKSURL(), "https://orders.internal", "signing_key_file "+keyFile), "caddyfile")
+	k = keys()
+	published, _ = g.gatewayJWKS(t).Key(0)
+	fileKID, _ := published.KeyID()
+	if k.Source != "signing_key_file" || k.SigningKID != fileKID || fileKID == kid || len(k.Keys) != 1 || k.Keys[0].KID != fileKID || k.Keys[0].State != "signing" {
+		t.Fatalf("with signing_key_file: %+v (JWKS kid %s)", k, fileKID)
+	}
+
+	// a running config without the app: 404 with a message
+	tester.InitServer(fmt.Sprintf("{\n%s}\nhttp://localhost:%d {\n\trespond ok\n}\n", testGlobalOptions(logFile, storage), gatewayPort), "caddyfile")
+	for _, tc := range []struct {
+		method, path string
+		body         any
+	}{{http.MethodGet, "/token-exchange/keys", nil}, {http.MethodPost, "/token-exchange/explain", map[string]any{"token": "x", "route": "/api/x"}}} {
+		if status, out := adminCall(t, tester, tc.method, tc.path, tc.body); status != http.StatusNotFound || !strings.Contains(string(out), "no token_exchange app") {
+			t.Fatalf("%s without the app: %d %s", tc.path, status, out)
+		}
 	}
 }
