@@ -140,6 +140,9 @@ func TestAdminExplain(t *testing.T) {
 			rep.Trace.Refusal.Check != tc.check || rep.Trace.Refusal.Error != tc.code {
 			t.Fatalf("%s: status %d: %s", tc.name, status, out)
 		}
+		if tc.name == "no scope" {
+			t.Logf("admin explain (refusal):\n%s", out)
+		}
 	}
 
 	// the token endpoint, for a configured client
