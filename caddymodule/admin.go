@@ -122,7 +122,7 @@ func (a *AdminAPI) explain(w http.ResponseWriter, r *http.Request) error {
 		}
 		rep = explainRoute(xctx, h.engine, h, where, req.Token, method, req.Host, path)
 	}
-	rep.Note = "against the running config, signed with the gateway's current key (the token is not returned)"
+	rep.Note = "against the running config; a token it mints is signed with the gateway's current key and discarded, never returned"
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	enc := json.NewEncoder(w)
