@@ -83,7 +83,7 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 			metrics.endpoint.WithLabelValues(o.Code).Inc()
 		}
 	}()
-	h.endpoint.ServeHTTP(w, r)
+	h.endpoint.ServeHTTP(w, withEndpointSpan(r))
 	return nil
 }
 
@@ -91,6 +91,7 @@ func (h *EndpointHandler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ ca
 // client, authenticated or claimed), from where, and why; never a secret or
 // a token.
 func (h *EndpointHandler) audit(r *http.Request, o *exchange.EndpointOutcome) {
+	endEndpointSpan(r, o, h.app.engine.Cache() != nil)
 	fields := []zap.Field{zap.String("remote_ip", exchange.RemoteIP(r))}
 	if o.Client != nil {
 		fields = append(fields, zap.String("client_id", o.Client.ClientID), zap.String("client_auth", o.Client.Method))

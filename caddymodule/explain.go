@@ -152,25 +152,11 @@ func runExplain(ctx context.Context, o explainOptions, out io.Writer) (int, erro
 		note = "dry run: signed with a throwaway key, not the gateway's (kept in storage, untouched)"
 	}
 
-	rep := explainReport{Note: note}
-	var xerr error
+	var rep explainReport
 	if o.endpoint {
-		cfg, ok := app.clients.Client(o.client)
-		if !ok {
-			return explainUsage, fmt.Errorf("no client %q in the config (clients: %s)", o.client, strings.Join(clientIDs(app), ", "))
+		if rep, err = explainEndpoint(ctx, app, o.client, token, actorToken, o.audiences, o.scopes); err != nil {
+			return explainUsage, err
 		}
-		req := &exchange.TokenRequest{
-			GrantType:        exchange.GrantTypeTokenExchange,
-			Audiences:        o.audiences,
-			Scopes:           o.scopes,
-			SubjectToken:     token,
-			SubjectTokenType: exchange.TokenTypeAccessToken,
-		}
-		if actorToken != "" {
-			req.ActorToken, req.ActorTokenType = actorToken, exchange.TokenTypeAccessToken
-		}
-		rep.Target = "token endpoint, client " + o.client
-		rep.Trace, _, xerr = app.engine.ExplainTokenExchange(ctx, req, &exchange.AuthenticatedClient{ClientID: o.client, Method: "explain", Config: cfg})
 	} else {
 		r := httptest.NewRequest(o.method, "http://placeholder"+o.route, nil)
 		r.Host = o.host
@@ -185,14 +171,12 @@ func runExplain(ctx context.Context, o explainOptions, out io.Writer) (int, erro
 		if err := h.Provision(cctx.Context); err != nil {
 			return explainUsage, err
 		}
-		rep.Target = fmt.Sprintf("%s %s%s: token_exchange handler %s (audience %s)", o.method, o.host, o.route, where, strings.Join(h.Audiences, " "))
-		info := &exchange.RequestInfo{Method: o.method, Host: o.host, Path: r.URL.Path, RemoteIP: "127.0.0.1", Headers: map[string][]string{}}
-		rep.Trace, _, xerr = app.engine.Explain(ctx, token, nil, &h.grant, info)
+		rep = explainRoute(ctx, app.engine, h, where, token, o.method, o.host, r.URL.Path)
 	}
-	rep.Outcome = "exchanged"
+	rep.Note = note
 	code := explainOK
-	if xerr != nil {
-		rep.Outcome, code = "refused", explainRefused
+	if rep.Outcome != "exchanged" {
+		code = explainRefused
 	}
 	if o.json {
 		enc := json.NewEncoder(out)
@@ -201,6 +185,49 @@ func runExplain(ctx context.Context, o explainOptions, out io.Writer) (int, erro
 	}
 	renderTrace(out, rep)
 	return code, nil
+}
+
+// explainEndpoint runs the token endpoint's exchange for a configured client
+// (its authentication skipped, its policy applied), traced. The error is a
+// usage error (no such client); a refusal is in the report.
+func explainEndpoint(ctx context.Context, app *App, client, token, actorToken string, audiences, scopes []string) (explainReport, error) {
+	cfg, ok := app.clients.Client(client)
+	if !ok {
+		return explainReport{}, fmt.Errorf("no client %q in the config (clients: %s)", client, strings.Join(clientIDs(app), ", "))
+	}
+	req := &exchange.TokenRequest{
+		GrantType:        exchange.GrantTypeTokenExchange,
+		Audiences:        audiences,
+		Scopes:           scopes,
+		SubjectToken:     token,
+		SubjectTokenType: exchange.TokenTypeAccessToken,
+	}
+	if actorToken != "" {
+		req.ActorToken, req.ActorTokenType = actorToken, exchange.TokenTypeAccessToken
+	}
+	rep := explainReport{Target: "token endpoint, client " + client}
+	var xerr error
+	rep.Trace, _, xerr = app.engine.ExplainTokenExchange(ctx, req, &exchange.AuthenticatedClient{ClientID: client, Method: "explain", Config: cfg})
+	rep.setOutcome(xerr)
+	return rep, nil
+}
+
+// explainRoute runs the middleware exchange of a provisioned
+// token_exchange handler, traced.
+func explainRoute(ctx context.Context, engine *exchange.Engine, h *Handler, where, token, method, host, path string) explainReport {
+	rep := explainReport{Target: fmt.Sprintf("%s %s%s: token_exchange handler %s (audience %s)", method, host, path, where, strings.Join(h.Audiences, " "))}
+	info := &exchange.RequestInfo{Method: method, Host: host, Path: path, RemoteIP: "127.0.0.1", Headers: map[string][]string{}}
+	var xerr error
+	rep.Trace, _, xerr = engine.Explain(ctx, token, nil, &h.grant, info)
+	rep.setOutcome(xerr)
+	return rep
+}
+
+func (rep *explainReport) setOutcome(err error) {
+	rep.Outcome = "exchanged"
+	if err != nil {
+		rep.Outcome = "refused"
+	}
 }
 
 func clientIDs(app *App) []string {

@@ -157,11 +157,13 @@ func (h *Handler) Validate() error {
 // answers) is the library's BearerGate; this adds Caddy's logs, metrics and
 // placeholders.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	span := startExchangeSpan(r.Context(), h.routeLabel)
 	a := h.admit(w, r)
 	if a.RemovedTxnToken {
 		h.logger.Info("outside Txn-Token removed at the edge", zap.String("remote_ip", exchange.RemoteIP(r)), zap.String("path", exchange.LoggablePath(r, a.Token)))
 	}
 	if a.Err != nil {
+		span.refused(a.Err)
 		h.refuse(w, r, a.Token, a.Err)
 		// Answered here rather than returned as an error: Caddy's error path
 		// logs all request headers at debug level, and a client may have
@@ -188,11 +190,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	if h.TxnToken != nil {
 		if e := h.serveTxn(r, minted, repl); e != nil {
+			span.refused(e)
 			h.refuse(w, r, a.Token, e)
 			return nil
 		}
 	}
 	h.okCount.Inc()
+	span.exchanged(minted, h.engine.Cache() != nil)
 	if h.engine.Cache() != nil {
 		if minted.Cached {
 			h.hitCount.Inc()
@@ -296,19 +300,23 @@ func actChain(act map[string]any) string {
 	return b.String()
 }
 
+// refusalOutcome is the outcome label of a refusal (metrics, spans).
+func refusalOutcome(e *exchange.Error) string {
+	switch e.Kind {
+	case exchange.KindInsufficientScope:
+		return outcomeInsufficientScope
+	case exchange.KindDenied:
+		return outcomeDenied
+	case exchange.KindServer, exchange.KindUnavailable:
+		return outcomeError
+	}
+	return outcomeInvalidToken
+}
+
 // refuse logs and counts a refusal, then lets the gate answer it.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *exchange.Error) {
 	status, _ := exchange.BearerStatus(e)
-	outcome := outcomeInvalidToken
-	switch e.Kind {
-	case exchange.KindInsufficientScope:
-		outcome = outcomeInsufficientScope
-	case exchange.KindDenied:
-		outcome = outcomeDenied
-	case exchange.KindServer, exchange.KindUnavailable:
-		outcome = outcomeError
-	}
-	metrics.exchanges.WithLabelValues(h.routeLabel, outcome).Inc()
+	metrics.exchanges.WithLabelValues(h.routeLabel, refusalOutcome(e)).Inc()
 	fields := append(h.requestFields(r, raw),
 		zap.String("reason", e.Reason),
 		zap.String("description", e.Description),

@@ -619,3 +619,49 @@ func signerOf(cur storedKey, others []storedKey) (*Signer, error) {
 	}
 	return s, nil
 }
+
+// KeyInfo describes one key of the key set: public facts only, never key
+// material.
+type KeyInfo struct {
+	KID string `json:"kid"`
+	Alg string `json:"alg"`
+	// State at the time asked: "signing" (the key that signs now),
+	// "next" (published, signs from SignFrom) or "retired" (still
+	// published so that tokens it signed verify, signs no more).
+	State        string    `json:"state"`
+	Created      time.Time `json:"created,omitzero"`
+	SignFrom     time.Time `json:"sign_from,omitzero"`
+	SignUntil    time.Time `json:"sign_until,omitzero"`
+	PublishUntil time.Time `json:"publish_until,omitzero"`
+}
+
+// Keys reads the key set from storage (no lock, no change) and describes
+// its keys as of now, in the stored order. It is nil before the first
+// start created the set.
+func (ks *KeySet) Keys(ctx context.Context) ([]KeyInfo, error) {
+	doc, err := ks.load(ctx)
+	if err != nil || doc == nil {
+		return nil, err
+	}
+	now := ks.cfg.Now()
+	cur := active(doc, now)
+	unix := func(s int64) time.Time {
+		if s == 0 {
+			return time.Time{}
+		}
+		return time.Unix(s, 0).UTC()
+	}
+	infos := make([]KeyInfo, 0, len(doc.Keys))
+	for _, k := range doc.Keys {
+		state := "retired"
+		switch {
+		case cur != nil && k.KID == cur.KID:
+			state = "signing"
+		case k.SignFrom > now.Unix():
+			state = "next"
+		}
+		infos = append(infos, KeyInfo{KID: k.KID, Alg: k.Alg, State: state, Created: unix(k.Created),
+			SignFrom: unix(k.SignFrom), SignUntil: unix(k.SignUntil), PublishUntil: unix(k.PublishUntil)})
+	}
+	return infos, nil
+}
