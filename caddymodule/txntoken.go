@@ -37,6 +37,9 @@ type TxnTokenOptions struct {
 	// Tctx are the members of the tctx claim, each a CEL expression over
 	// subject, request and route, as the `claim` rule.
 	Tctx []PolicyClaim `json:"tctx,omitempty"`
+	// AllowSubjectTypes, at the token endpoint only, accepts the draft's
+	// self_signed and/or unsigned_json subject tokens (off by default).
+	AllowSubjectTypes []string `json:"allow_subject_types,omitempty"`
 
 	engine     *exchange.Engine
 	tctx       *exchange.Rules
@@ -56,6 +59,9 @@ const (
 func (o *TxnTokenOptions) provision(app *App) error {
 	if o == nil {
 		return nil
+	}
+	if len(o.AllowSubjectTypes) > 0 {
+		return fmt.Errorf("txn_token: allow_subject_types belongs to the token endpoint's txn_token; a route's subject is always its verified bearer token")
 	}
 	if o.Audience == "" {
 		return fmt.Errorf("txn_token: audience (the trust domain) is required")
@@ -198,6 +204,17 @@ func unmarshalTxnToken(d *caddyfile.Dispenser) (*TxnTokenOptions, error) {
 			if err = oneArg(d, &o.Authorization); err == nil && o.Authorization != txnAuthzDelegated && o.Authorization != txnAuthzNone {
 				return nil, d.Errf("txn_token authorization must be delegated or none, not '%s'", o.Authorization)
 			}
+		case "allow_subject_types":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return nil, d.ArgErr()
+			}
+			for _, a := range args {
+				if a != "self_signed" && a != "unsigned_json" {
+					return nil, d.Errf("allow_subject_types takes self_signed and/or unsigned_json, not '%s'", a)
+				}
+			}
+			o.AllowSubjectTypes = append(o.AllowSubjectTypes, args...)
 		case "tctx":
 			if !d.NextArg() {
 				return nil, d.Err("tctx needs a name and an expression: tctx <name> <cel-expr>")
@@ -233,6 +250,10 @@ type TxnEndpointOptions struct {
 	Lifetime caddy.Duration `json:"lifetime,omitempty"`
 	// Subject: auto (default), plain or namespaced, as on a route.
 	Subject string `json:"subject,omitempty"`
+	// AllowSubjectTypes accepts the draft's self_signed and/or
+	// unsigned_json subject tokens from authenticated workloads (default:
+	// neither).
+	AllowSubjectTypes []string `json:"allow_subject_types,omitempty"`
 }
 
 // config turns the options into the library's (nil: Txn-Tokens refused).
@@ -241,6 +262,16 @@ func (o *TxnEndpointOptions) config(app *App) (*exchange.TxnEndpointConfig, erro
 		return nil, nil
 	}
 	c := &exchange.TxnEndpointConfig{TrustDomain: o.Audience, Lifetime: time.Duration(o.Lifetime)}
+	for _, t := range o.AllowSubjectTypes {
+		switch t {
+		case "self_signed":
+			c.AllowSelfSigned = true
+		case "unsigned_json":
+			c.AllowUnsignedJSON = true
+		default:
+			return nil, fmt.Errorf("txn_token allow_subject_types: %q is not self_signed or unsigned_json", t)
+		}
+	}
 	switch o.Subject {
 	case "", txnSubjectAuto:
 		c.Namespaced = len(app.trust.Issuers()) > 1
@@ -265,5 +296,5 @@ func unmarshalTxnEndpoint(d *caddyfile.Dispenser) (*TxnEndpointOptions, error) {
 	if o.Workload != "" || o.Authorization != "" || len(o.Tctx) > 0 {
 		return nil, d.Err("txn_token at the token endpoint takes audience, lifetime and subject only: req_wl is the client, rctx and tctx come from request_context and request_details")
 	}
-	return &TxnEndpointOptions{Audience: o.Audience, Lifetime: o.Lifetime, Subject: o.Subject}, nil
+	return &TxnEndpointOptions{Audience: o.Audience, Lifetime: o.Lifetime, Subject: o.Subject, AllowSubjectTypes: o.AllowSubjectTypes}, nil
 }

@@ -233,3 +233,49 @@ func (r *replayCache) len() int {
 	}
 	return n
 }
+
+// VerifySelfSigned checks a JWT that a client signed with its own
+// private_key_jwt keys (the draft's self_signed subject token of a
+// Transaction Token request): a compact JWS with an asymmetric algorithm
+// and one of the client's keys, strict JSON, iss = the client, and the time
+// rules of every token (exp required). It returns the claims.
+func (c *Clients) VerifySelfSigned(ctx context.Context, clientID, raw string) (map[string]any, error) {
+	rc, ok := c.clients[clientID]
+	if !ok || rc.keys == nil {
+		return nil, invalidToken("unknown_key", "self_signed subject tokens need a client that authenticates with private_key_jwt keys")
+	}
+	if len(raw) > DefaultMaxAssertionSize {
+		return nil, invalidToken("too_large", "self_signed subject token exceeds %d bytes", DefaultMaxAssertionSize)
+	}
+	hdr, p64, _, err := splitJWS(raw)
+	if err != nil {
+		return nil, invalidToken("malformed", "self_signed subject token is not a compact JWS")
+	}
+	if hdr.Alg == "" || CheckVerifyAlgorithm(hdr.Alg) != nil {
+		return nil, invalidToken("bad_algorithm", "self_signed subject token must be signed with an asymmetric algorithm")
+	}
+	payload, err := base64.RawURLEncoding.Strict().DecodeString(p64)
+	if err != nil || checkStrictJSON(payload) != nil {
+		return nil, invalidToken("malformed", "self_signed subject token payload is not strict JSON")
+	}
+	var claims map[string]any
+	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
+		return nil, invalidToken("malformed", "self_signed subject token payload is not a JSON object")
+	}
+	_, status, verr := rc.keys.verifyJWS(ctx, hdr, raw)
+	switch {
+	case status == keysUnavailable:
+		return nil, keysUnavailableError("the client's keys are unavailable", rc.keys.refetchInterval)
+	case status == keyUnknown:
+		return nil, invalidToken("unknown_key", "no key of the client matches the self_signed token")
+	case verr != nil:
+		return nil, invalidToken("bad_signature", "self_signed subject token signature does not verify")
+	}
+	if iss, _ := stringClaim(claims, "iss"); iss != clientID {
+		return nil, invalidToken("untrusted_issuer", "a self_signed subject token's iss must be the requesting client")
+	}
+	if _, terr := checkClaimTimes(claims, c.now(), c.skew); terr != nil {
+		return nil, terr
+	}
+	return claims, nil
+}

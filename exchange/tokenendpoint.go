@@ -168,6 +168,7 @@ func (t *TokenEndpoint) serve(w http.ResponseWriter, r *http.Request, o *Endpoin
 	}
 	var issued *Issued
 	if req.RequestedTokenType == TokenTypeTxnToken {
+		req.SelfSigned = t.Clients.VerifySelfSigned
 		issued, err = t.Engine.TxnTokenExchange(r.Context(), req, client, t.Txn)
 	} else {
 		issued, err = t.Engine.TokenExchange(r.Context(), req, client)

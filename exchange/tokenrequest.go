@@ -1,6 +1,7 @@
 package exchange
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"slices"
@@ -83,6 +84,9 @@ type TokenRequest struct {
 	Binding *Binding
 	// Trace, when set, records each decision (Engine.ExplainTokenExchange).
 	Trace *Trace
+	// SelfSigned, when set, verifies a self_signed subject token with the
+	// requesting client's own keys and returns its claims.
+	SelfSigned func(ctx context.Context, clientID, raw string) (map[string]any, error)
 }
 
 // SubjectTokenTypeName is the short name (access_token, jwt, ...) of the

@@ -167,9 +167,9 @@ func TestParseTokenRequestErrors(t *testing.T) {
 		{"subject_token_type twice", baseForm(func(f url.Values) { f.Add("subject_token_type", TokenTypeJWT) }),
 			KindInvalidRequest, "duplicate_parameter", []string{"subject_token_type given more than once"}, nil},
 		{"subject_token_type unknown URN is named", baseForm(func(f url.Values) {
-			f.Set("subject_token_type", "urn:ietf:params:oauth:token-type:self_signed")
+			f.Set("subject_token_type", "urn:ietf:params:oauth:token-type:made_up")
 		}), KindInvalidRequest, "unsupported_token_type",
-			[]string{"subject_token_type urn:ietf:params:oauth:token-type:self_signed is not a supported token type", TokenTypeAccessToken}, nil},
+			[]string{"subject_token_type urn:ietf:params:oauth:token-type:made_up is not a supported token type", TokenTypeAccessToken}, nil},
 		{"subject_token_type short name refused", baseForm(func(f url.Values) { f.Set("subject_token_type", "access_token") }),
 			KindInvalidRequest, "unsupported_token_type", []string{"must be a token type URN such as " + TokenTypeAccessToken}, nil},
 		{"subject_token_type holding a token is not echoed", baseForm(func(f url.Values) { f.Set("subject_token_type", testSubjectToken) }),

@@ -8,6 +8,11 @@ const (
 	TokenTypeJWT          = "urn:ietf:params:oauth:token-type:jwt"
 	TokenTypeSAML1        = "urn:ietf:params:oauth:token-type:saml1"
 	TokenTypeSAML2        = "urn:ietf:params:oauth:token-type:saml2"
+	// TokenTypeSelfSigned and TokenTypeUnsignedJSON are the subject token
+	// types of draft-ietf-oauth-transaction-tokens: a JWT signed by the
+	// requesting workload itself, and a plain JSON object it asserts.
+	TokenTypeSelfSigned   = "urn:ietf:params:oauth:token-type:self_signed"
+	TokenTypeUnsignedJSON = "urn:ietf:params:oauth:token-type:unsigned_json"
 )
 
 // tokenTypeURNs maps the short names used in configuration to their URNs.
@@ -19,6 +24,8 @@ var tokenTypeURNs = map[string]string{
 	"saml1":         TokenTypeSAML1,
 	"saml2":         TokenTypeSAML2,
 	"txn_token":     TokenTypeTxnToken,
+	"self_signed":   TokenTypeSelfSigned,
+	"unsigned_json": TokenTypeUnsignedJSON,
 }
 
 // TokenTypeURN returns the RFC 8693 URN for a short name such as

@@ -321,6 +321,8 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 			return errors.New("txn_token cannot be a trusted token type: Txn-Tokens are checked with txn_token_verify, never as subject tokens of an issuer")
 		case "saml1", "saml2":
 			return fmt.Errorf("token type %s is not supported: only JWTs are verified", tt)
+		case "self_signed", "unsigned_json":
+			return fmt.Errorf("token type %s cannot be a trusted token type: the token endpoint's txn_token accepts it from authenticated workloads (allow_subject_types)", tt)
 		case "id_token":
 			if len(ic.ClientIDs) == 0 {
 				return errors.New("token type id_token needs client_ids: the audiences its ID tokens are issued to; add `client_ids <client_id...>` to the trust block")

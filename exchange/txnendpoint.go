@@ -21,6 +21,12 @@ type TxnEndpointConfig struct {
 	// Namespaced prefixes sub with the subject token's issuer (see
 	// TxnSubject): set it when several issuers are trusted.
 	Namespaced bool
+	// AllowSelfSigned and AllowUnsignedJSON accept the draft's
+	// self_signed and unsigned_json subject tokens (off by default): the
+	// authenticated workload asserts the subject itself, signed with its
+	// private_key_jwt key or not at all. The subject is namespaced by the
+	// workload, and the scope is never more than the client's.
+	AllowSelfSigned, AllowUnsignedJSON bool
 }
 
 // Validate checks the configuration.
@@ -174,8 +180,35 @@ func (e *Engine) TxnTokenExchange(ctx context.Context, req *TokenRequest, client
 			Subject: TxnSubject(subject.Issuer, subject.Subject, cfg.Namespaced), Scopes: policy.Scopes,
 			RequestingWorkload: client.ClientID, Rctx: rctx, Tctx: req.RequestDetails}
 		m.SubjectIssuer = subject.Issuer
+	case "self_signed", "unsigned_json":
+		subject, err := e.workloadSubject(ctx, req, client, cfg)
+		if err != nil {
+			return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
+		}
+		grant := &Grant{Audiences: []string{cfg.TrustDomain}, Scopes: client.Config.Scopes, ClientID: client.ClientID, Rules: client.Config.Rules}
+		if len(req.Scopes) > 0 {
+			grant.Scopes = IntersectScopes(req.Scopes, client.Config.Scopes)
+		}
+		policy, err := e.Exchange(ExchangeInput{Subject: subject, Actor: m.Actor, Client: client.ClientID}, grant)
+		if err != nil {
+			return nil, asRequestError(AsError(withSubject(err, subject)))
+		}
+		if len(req.Scopes) > 0 && len(policy.Scopes) == 0 {
+			return nil, &Error{Kind: KindInvalidScope, Reason: "invalid_scope", Description: "none of the requested scope can be granted"}
+		}
+		rctx := maps.Clone(req.RequestContext)
+		if rctx == nil {
+			rctx = map[string]any{}
+		}
+		if _, ok := rctx["authn"]; !ok {
+			rctx["authn"] = req.SubjectTokenType
+		}
+		spec = TxnSpec{TrustDomain: cfg.TrustDomain, Lifetime: cfg.Lifetime, NotAfter: subject.Expiry,
+			Subject: TxnSubject(subject.Issuer, subject.Subject, true), Scopes: policy.Scopes,
+			RequestingWorkload: client.ClientID, Rctx: rctx, Tctx: req.RequestDetails}
+		m.SubjectIssuer = subject.Issuer
 	default:
-		return nil, badRequest("unsupported_token_type", "a Txn-Token is issued for an access token, a JWT or (replacement) a Txn-Token; self_signed and unsigned_json subject tokens are not accepted")
+		return nil, badRequest("unsupported_token_type", "a Txn-Token is issued for an access token, a JWT, a Txn-Token (replacement), or where allowed a self_signed or unsigned_json subject token")
 	}
 	t, err := e.MintTxnToken(spec)
 	if err != nil {
@@ -188,4 +221,53 @@ func (e *Engine) TxnTokenExchange(ctx context.Context, req *TokenRequest, client
 		issued.Scope = granted
 	}
 	return issued, nil
+}
+
+// workloadSubject reads a self_signed or unsigned_json subject token: the
+// authenticated workload's own statement of the subject (draft-ietf-oauth-
+// transaction-tokens). Each is refused unless allowed. A self_signed token
+// must verify with the client's private_key_jwt keys; both need a sub and
+// may carry a scope, and the subject's issuer is the workload.
+func (e *Engine) workloadSubject(ctx context.Context, req *TokenRequest, client *AuthenticatedClient, cfg *TxnEndpointConfig) (*Subject, error) {
+	var claims map[string]any
+	now := e.cfg.Now()
+	switch req.SubjectTokenTypeName() {
+	case "unsigned_json":
+		if !cfg.AllowUnsignedJSON {
+			return nil, badRequest("unsupported_token_type", "unsigned_json subject tokens are not allowed here (allow_subject_types)")
+		}
+		m, err := decodeContextObject(req.SubjectToken)
+		if err != nil {
+			return nil, invalidToken("malformed", "unsigned_json subject token is not a JSON object: %v", err)
+		}
+		claims = m
+	default:
+		if !cfg.AllowSelfSigned {
+			return nil, badRequest("unsupported_token_type", "self_signed subject tokens are not allowed here (allow_subject_types)")
+		}
+		if req.SelfSigned == nil {
+			return nil, invalidToken("unknown_key", "self_signed subject tokens need a client that authenticates with private_key_jwt keys")
+		}
+		m, err := req.SelfSigned(ctx, client.ClientID, req.SubjectToken)
+		if err != nil {
+			return nil, err
+		}
+		claims = m
+	}
+	sub, err := stringClaim(claims, "sub")
+	if err != nil || sub == "" {
+		return nil, invalidToken("missing_sub", "the workload's subject token has no sub")
+	}
+	s := &Subject{Issuer: client.ClientID, Subject: sub, Expiry: now.Add(DefaultTxnTokenLifetime), TokenHash: HashToken(req.SubjectToken), claims: claims}
+	if exp, ok, err := numericDate(claims, "exp"); err != nil {
+		return nil, invalidToken("invalid_claims", "subject token exp is not a NumericDate")
+	} else if ok && exp.Before(s.Expiry) {
+		s.Expiry = exp
+	}
+	if v, ok := claims["scope"]; ok {
+		if s.Scopes, err = scopesFromClaim(v); err != nil {
+			return nil, invalidToken("bad_scope", "the workload's subject token scope is malformed")
+		}
+	}
+	return s, nil
 }
