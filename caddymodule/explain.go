@@ -37,6 +37,9 @@ type explainOptions struct {
 	audiences, scopes      []string
 	json                   bool
 	stdin                  io.Reader
+	// offline: no network; jwks maps a trusted issuer to a JWKS file.
+	offline bool
+	jwks    []string
 }
 
 // explainReport is what `explain --json` prints.
@@ -65,6 +68,10 @@ Exit codes: 0 the exchange would succeed, 1 it would be refused, 2 usage or
 config error.`,
 		Example: `  # the middleware of the route that serves /api/orders/42
   caddy token-exchange explain --config Caddyfile --token "$TOKEN" --route /api/orders/42
+
+  # offline: the IdP's keys from a file, nothing fetched
+  caddy token-exchange explain --config Caddyfile --token "$TOKEN" --route /api/orders/42 \
+    --offline --jwks https://idp.example.com=idp-jwks.json
 
   # the token endpoint, for client billing-svc (its authentication is skipped)
   caddy token-exchange explain --config Caddyfile --token @token.jwt \
@@ -97,6 +104,8 @@ config error.`,
 	f.StringArrayVar(&o.scopes, "scope", nil, "requested scope (with --endpoint); repeatable")
 	f.StringVar(&o.actorToken, "actor-token", "", "actor token (with --endpoint): JWT, @file or -")
 	f.BoolVar(&o.json, "json", false, "print JSON")
+	f.BoolVar(&o.offline, "offline", false, "fetch nothing: every trusted issuer's keys come from --jwks files")
+	f.StringArrayVar(&o.jwks, "jwks", nil, "issuer=path: a JWKS file for that trusted issuer instead of its jwks_url or discovery; repeatable")
 	return c
 }
 
@@ -125,6 +134,9 @@ func runExplain(ctx context.Context, o explainOptions, out io.Writer) (int, erro
 	}
 	cfgJSON, err := loadConfigJSON(o.config, o.adapter)
 	if err != nil {
+		return explainUsage, err
+	}
+	if cfgJSON, err = withLocalJWKS(cfgJSON, o.jwks, o.offline); err != nil {
 		return explainUsage, err
 	}
 	cctx, app, err := provisionTokenExchange(cfgJSON)
@@ -517,3 +529,66 @@ func renderTree(w io.Writer, m map[string]any, indent string) {
 		fmt.Fprintf(w, "%s%s: %s\n", indent, k, v)
 	}
 }
+
+// withLocalJWKS points trust blocks at JWKS files: each --jwks issuer=path
+// replaces that issuer's jwks_url or discovery. With offline, every trusted
+// issuer with a remote key source needs one (usage error otherwise), and a
+// client's jwks_url is dropped: explain skips client authentication.
+func withLocalJWKS(cfgJSON []byte, jwks []string, offline bool) ([]byte, error) {
+	if len(jwks) == 0 && !offline {
+		return cfgJSON, nil
+	}
+	files := map[string]string{}
+	for _, j := range jwks {
+		iss, path, ok := strings.Cut(j, "=")
+		if !ok || iss == "" || path == "" {
+			return nil, fmt.Errorf("--jwks %q: want issuer=path", j)
+		}
+		files[iss] = path
+	}
+	var full map[string]any
+	if err := json.Unmarshal(cfgJSON, &full); err != nil {
+		return nil, fmt.Errorf("config is not valid JSON: %w", err)
+	}
+	apps, _ := full["apps"].(map[string]any)
+	app, _ := apps["token_exchange"].(map[string]any)
+	if app == nil {
+		return cfgJSON, nil
+	}
+	trust, _ := app["trust"].([]any)
+	for _, t := range trust {
+		tb, _ := t.(map[string]any)
+		iss, _ := tb["issuer"].(string)
+		remote := tb["jwks_url"] != nil || tb["discovery"] == true || tb["discovery_url"] != nil
+		path, given := files[iss]
+		delete(files, iss)
+		switch {
+		case given:
+			for _, k := range []string{"jwks_url", "jwks_file", "discovery", "discovery_url"} {
+				delete(tb, k)
+			}
+			tb["jwks_file"] = path
+		case offline && remote:
+			return nil, fmt.Errorf("--offline: trusted issuer %s has remote keys; give its JWKS with --jwks %s=<file>", iss, iss)
+		}
+	}
+	for iss := range files {
+		return nil, fmt.Errorf("--jwks %s: no trust block has that issuer", iss)
+	}
+	if offline {
+		clients, _ := app["clients"].([]any)
+		for _, c := range clients {
+			cb, _ := c.(map[string]any)
+			if cb["jwks_url"] != nil {
+				delete(cb, "jwks_url")
+				// Never checked: explain skips client authentication.
+				cb["secret_hash"] = offlineClientHash
+			}
+		}
+	}
+	return json.Marshal(full)
+}
+
+// offlineClientHash stands in for a client's jwks_url offline: a bcrypt hash
+// of a random string nobody knows (explain never authenticates clients).
+const offlineClientHash = "$2a$04$2CdOaXw3uyPK36pDgMVYve0DOJRpdHNhrGc.YB0gBf.vcLeBQpwbK"

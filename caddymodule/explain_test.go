@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/lestrrat-go/jwx/v3/jwt"
 
 	"github.com/caddy-token-exchange/caddy-token-exchange/exchange"
+	"github.com/caddy-token-exchange/caddy-token-exchange/internal/testidp"
 )
 
 // demoToken signs a subject token with the demo IdP's key, as the README's
@@ -165,5 +167,60 @@ func TestInspect(t *testing.T) {
 	var in inspection
 	if err := json.Unmarshal(out.Bytes(), &in); err != nil || code != 1 || in.Verified == nil || *in.Verified || !strings.Contains(in.Verdict, "wrong_audience") {
 		t.Fatalf("exit %d: %s", code, out.String())
+	}
+}
+
+// TestExplainOffline: with --offline, explain fetches nothing: each trusted
+// issuer's keys come from a --jwks file, and an issuer with remote keys and
+// no file is a usage error naming the flag.
+func TestExplainOffline(t *testing.T) {
+	idp := testidp.New(t, "https://idp.test")
+	idp.AddKey("ec-1", "ES256")
+	dir := t.TempDir()
+	jwksFile := filepath.Join(dir, "idp-jwks.json")
+	if err := os.WriteFile(jwksFile, idp.JWKS(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfgFile := filepath.Join(dir, "Caddyfile")
+	cfg := `{
+	token_exchange {
+		issuer https://gateway.test
+		trust https://idp.test {
+			jwks_url http://127.0.0.1:1/unreachable/jwks.json
+			audience https://gateway.test
+			algorithms ES256
+		}
+	}
+}
+http://localhost:8080 {
+	route /api/* {
+		token_exchange {
+			audience https://orders.internal
+			scope orders.read
+		}
+		respond ok
+	}
+}
+`
+	if err := os.WriteFile(cfgFile, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tok := idp.Token("ec-1", testidp.Claims{"scope": "orders.read"})
+	var out bytes.Buffer
+	code, err := runExplain(context.Background(), explainOptions{config: cfgFile, token: tok, route: "/api/x", method: "GET", offline: true}, &out)
+	if code != explainUsage || err == nil || !strings.Contains(err.Error(), "--jwks https://idp.test=") {
+		t.Fatalf("offline without --jwks: exit %d, %v", code, err)
+	}
+	out.Reset()
+	code, err = runExplain(context.Background(), explainOptions{config: cfgFile, token: tok, route: "/api/x", method: "GET",
+		offline: true, jwks: []string{"https://idp.test=" + jwksFile}}, &out)
+	if code != explainOK || err != nil {
+		t.Fatalf("offline with --jwks: exit %d, %v\n%s", code, err, out.String())
+	}
+	if idp.Fetches.Load() != 0 {
+		t.Errorf("the IdP's JWKS was fetched %d times offline", idp.Fetches.Load())
+	}
+	if strings.Contains(out.String(), tok) {
+		t.Error("the token was printed")
 	}
 }
