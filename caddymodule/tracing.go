@@ -48,6 +48,13 @@ func (s exchangeSpan) exchanged(m *exchange.Minted, cacheOn bool) {
 	s.span.SetAttributes(
 		attribute.String("token_exchange.outcome", outcomeOK),
 		attribute.String("token_exchange.cache", cache),
+	)
+	step := stepOK
+	if m.Cached {
+		step = stepCached
+	}
+	s.span.SetAttributes(stepAttrs(step, step, step)...)
+	s.span.SetAttributes(
 		attribute.String("token_exchange.subject_issuer", m.SubjectIssuer),
 		attribute.String("token_exchange.sub_sha256", exchange.HashToken(m.Subject)),
 		attribute.String("token_exchange.scope", exchange.FormatScope(m.Scopes)),
@@ -74,6 +81,7 @@ func (s exchangeSpan) failed(outcome string, status int, e *exchange.Error) {
 		attribute.String("token_exchange.reason", e.Reason),
 		attribute.Int("http.response.status_code", status),
 	}
+	attrs = append(attrs, stepAttrs(refusalSteps(e))...)
 	if e.SubjectSub != "" {
 		attrs = append(attrs,
 			attribute.String("token_exchange.subject_issuer", e.SubjectIssuer),
@@ -84,6 +92,44 @@ func (s exchangeSpan) failed(outcome string, status int, e *exchange.Error) {
 		s.span.SetStatus(codes.Error, e.Reason)
 	}
 	s.span.End()
+}
+
+// The result of each step of an exchange, as span attributes
+// token_exchange.verify, .policy and .mint: one span per exchange, with the
+// steps as its attributes rather than child spans.
+const (
+	stepOK         = "ok"
+	stepCached     = "cached" // a cache hit: the earlier exchange's result
+	stepFailed     = "failed"
+	stepDenied     = "denied"
+	stepNotReached = "not_reached"
+)
+
+func stepAttrs(verify, policy, mint string) []attribute.KeyValue {
+	return []attribute.KeyValue{
+		attribute.String("token_exchange.verify", verify),
+		attribute.String("token_exchange.policy", policy),
+		attribute.String("token_exchange.mint", mint),
+	}
+}
+
+// refusalSteps tells which step refused. The engine records the subject on
+// every error after verification (policy, scope, minting), so an error
+// without one failed verification or came before it.
+func refusalSteps(e *exchange.Error) (verify, policy, mint string) {
+	if e.SubjectSub != "" {
+		if e.Kind == exchange.KindServer {
+			return stepOK, stepOK, stepFailed
+		}
+		return stepOK, stepDenied, stepNotReached
+	}
+	switch e.Kind {
+	case exchange.KindMissingToken, exchange.KindInvalidToken, exchange.KindInvalidDPoPProof,
+		exchange.KindUseDPoPNonce, exchange.KindServer, exchange.KindUnavailable:
+		return stepFailed, stepNotReached, stepNotReached
+	}
+	// client authentication or the request itself, before the token
+	return stepNotReached, stepNotReached, stepNotReached
 }
 
 type endpointSpanKey struct{}

@@ -248,6 +248,14 @@ http://localhost:%d {
 	if strings.Join(outcomes, ",") != "ok,ok,insufficient_scope,ok,invalid_client" || strings.Join(caches[:3], ",") != "miss,hit," {
 		t.Fatalf("outcomes %v, caches %v", outcomes, caches)
 	}
+	// the steps of each exchange: verify, policy, mint
+	wantSteps := []string{"ok,ok,ok", "cached,cached,cached", "ok,denied,not_reached", "ok,ok,ok", "not_reached,not_reached,not_reached"}
+	for i, s := range spans {
+		a := spanAttrs(s)
+		if got := a["token_exchange.verify"] + "," + a["token_exchange.policy"] + "," + a["token_exchange.mint"]; got != wantSteps[i] {
+			t.Errorf("span %d (%s): steps %s, want %s", i, a["token_exchange.outcome"], got, wantSteps[i])
+		}
+	}
 	if a := spanAttrs(spans[2]); a["token_exchange.reason"] == "" || a["http.response.status_code"] != "403" {
 		t.Fatalf("refusal span %v", a)
 	}
