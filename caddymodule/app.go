@@ -248,40 +248,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	issuers := make([]exchange.IssuerConfig, 0, len(a.Trust))
 	repl := caddy.NewReplacer()
 	for _, t := range a.Trust {
-		idTokenClaims, err := idTokenClaimsConfig(t.IDTokenClaims)
+		ic, err := t.issuerConfig(repl)
 		if err != nil {
 			return fmt.Errorf("token_exchange: trusted issuer %q: %w", t.Issuer, err)
 		}
-		issuers = append(issuers, exchange.IssuerConfig{
-			Issuer:        t.Issuer,
-			JWKSURL:       t.JWKSURL,
-			JWKSFile:      t.JWKSFile,
-			Discovery:     t.Discovery,
-			DiscoveryURL:  t.DiscoveryURL,
-			IDTokenClaims: idTokenClaims,
-			OpaqueTokens:  t.OpaqueTokens,
-			Introspection: exchange.IntrospectionConfig{
-				URL:              t.IntrospectionURL,
-				ClientID:         repl.ReplaceKnown(t.IntrospectionClientID, ""),
-				ClientSecret:     repl.ReplaceKnown(t.IntrospectionClientSecret, ""),
-				AuthMethod:       t.IntrospectionAuth,
-				KeyFile:          repl.ReplaceKnown(t.IntrospectionKeyFile, ""),
-				JWTResponse:      t.IntrospectionJWTResponse,
-				CacheTTL:         time.Duration(t.IntrospectionCache),
-				NegativeCacheTTL: time.Duration(t.IntrospectionNegativeCache),
-				Timeout:          time.Duration(t.IntrospectionTimeout),
-				MaxConcurrent:    t.IntrospectionConcurrency,
-			},
-			Audiences:       t.Audiences,
-			Algorithms:      t.Algorithms,
-			TokenTypes:      t.TokenTypes,
-			ClientIDs:       t.ClientIDs,
-			RequiredTyp:     t.Typ,
-			ScopeClaim:      t.ScopeClaim,
-			Scopes:          exchange.ScopeMap{Map: t.ScopeMap, PassUnmapped: t.PassUnmappedScopes},
-			RefetchInterval: time.Duration(t.RefetchInterval),
-			JWKSMaxStale:    time.Duration(t.JWKSMaxStale),
-		})
+		issuers = append(issuers, ic)
 	}
 	onFetch := func(name string, err error) {
 		result := "ok"
@@ -513,3 +484,50 @@ var (
 	_ caddy.Provisioner  = (*App)(nil)
 	_ caddy.CleanerUpper = (*App)(nil)
 )
+
+// issuerConfig is the library's configuration of this trust block. With a
+// replacer, the introspection credentials' placeholders are resolved (at
+// provision); without one (the Caddyfile adapter's check) they stay as
+// written.
+func (t *TrustedIssuer) issuerConfig(repl *caddy.Replacer) (exchange.IssuerConfig, error) {
+	idTokenClaims, err := idTokenClaimsConfig(t.IDTokenClaims)
+	if err != nil {
+		return exchange.IssuerConfig{}, err
+	}
+	replace := func(s string) string {
+		if repl == nil {
+			return s
+		}
+		return repl.ReplaceKnown(s, "")
+	}
+	return exchange.IssuerConfig{
+		Issuer:        t.Issuer,
+		JWKSURL:       t.JWKSURL,
+		JWKSFile:      t.JWKSFile,
+		Discovery:     t.Discovery,
+		DiscoveryURL:  t.DiscoveryURL,
+		IDTokenClaims: idTokenClaims,
+		OpaqueTokens:  t.OpaqueTokens,
+		Introspection: exchange.IntrospectionConfig{
+			URL:              t.IntrospectionURL,
+			ClientID:         replace(t.IntrospectionClientID),
+			ClientSecret:     replace(t.IntrospectionClientSecret),
+			AuthMethod:       t.IntrospectionAuth,
+			KeyFile:          replace(t.IntrospectionKeyFile),
+			JWTResponse:      t.IntrospectionJWTResponse,
+			CacheTTL:         time.Duration(t.IntrospectionCache),
+			NegativeCacheTTL: time.Duration(t.IntrospectionNegativeCache),
+			Timeout:          time.Duration(t.IntrospectionTimeout),
+			MaxConcurrent:    t.IntrospectionConcurrency,
+		},
+		Audiences:       t.Audiences,
+		Algorithms:      t.Algorithms,
+		TokenTypes:      t.TokenTypes,
+		ClientIDs:       t.ClientIDs,
+		RequiredTyp:     t.Typ,
+		ScopeClaim:      t.ScopeClaim,
+		Scopes:          exchange.ScopeMap{Map: t.ScopeMap, PassUnmapped: t.PassUnmappedScopes},
+		RefetchInterval: time.Duration(t.RefetchInterval),
+		JWKSMaxStale:    time.Duration(t.JWKSMaxStale),
+	}, nil
+}

@@ -300,35 +300,14 @@ func (t *TrustedIssuer) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 	}
-	if len(t.Algorithms) == 0 {
-		return d.Errf("trust %s: algorithms is required (for example: algorithms RS256 ES256)", t.Issuer)
+	// the library's own validator (also run at provision, for JSON
+	// configs), without reading files: this names the block's line
+	ic, err := t.issuerConfig(nil)
+	if err == nil {
+		err = ic.Check()
 	}
-	if len(t.Audiences) == 0 {
-		return d.Errf("trust %s: audience is required: add `audience <aud>`, the aud the issuer puts into tokens meant for this gateway (often the gateway's URL or an API identifier)", t.Issuer)
-	}
-	n := 0
-	for _, set := range []bool{t.JWKSURL != "", t.JWKSFile != "", t.Discovery || t.DiscoveryURL != ""} {
-		if set {
-			n++
-		}
-	}
-	if n != 1 {
-		return d.Errf("trust %s: exactly one of jwks_url, jwks_file or discovery (discovery_url) is required, for example: jwks_url https://idp.example.com/.well-known/jwks.json, or discovery", t.Issuer)
-	}
-	introspection := t.IntrospectionURL != "" || t.IntrospectionClientID != "" || t.IntrospectionClientSecret != "" || t.IntrospectionAuth != "" ||
-		t.IntrospectionKeyFile != "" || t.IntrospectionJWTResponse
-	pkj := t.IntrospectionAuth == "private_key_jwt"
-	switch {
-	case introspection && !t.OpaqueTokens:
-		return d.Errf("trust %s: introspection settings need opaque_tokens", t.Issuer)
-	case t.OpaqueTokens && t.IntrospectionURL == "" && !t.Discovery && t.DiscoveryURL == "":
-		return d.Errf("trust %s: opaque_tokens needs introspection_url or discovery", t.Issuer)
-	case t.OpaqueTokens && pkj && (t.IntrospectionClientID == "" || t.IntrospectionKeyFile == "" || t.IntrospectionClientSecret != ""):
-		return d.Errf("trust %s: introspection_auth private_key_jwt needs introspection_client_id and introspection_key_file, and no introspection_client_secret", t.Issuer)
-	case t.OpaqueTokens && !pkj && (t.IntrospectionClientID == "" || t.IntrospectionClientSecret == ""):
-		return d.Errf("trust %s: opaque_tokens needs introspection_client_id and introspection_client_secret (or introspection_auth private_key_jwt)", t.Issuer)
-	case !pkj && t.IntrospectionKeyFile != "":
-		return d.Errf("trust %s: introspection_key_file is used only with introspection_auth private_key_jwt", t.Issuer)
+	if err != nil {
+		return d.Errf("trust %s: %v", t.Issuer, err)
 	}
 	return nil
 }

@@ -80,7 +80,7 @@ func (c *IntrospectionConfig) configured() bool {
 	return c.URL != "" || c.ClientID != "" || c.ClientSecret != "" || c.AuthMethod != "" || c.KeyFile != "" || c.JWTResponse
 }
 
-func validateIntrospection(ic *IssuerConfig) error {
+func validateIntrospection(ic *IssuerConfig, load bool) error {
 	c := &ic.Introspection
 	if !ic.OpaqueTokens {
 		if c.configured() {
@@ -89,7 +89,7 @@ func validateIntrospection(ic *IssuerConfig) error {
 		return nil
 	}
 	if c.URL == "" && !ic.Discovery {
-		return errors.New("opaque_tokens needs introspection_url, or discovery offering an introspection_endpoint")
+		return errors.New("opaque_tokens needs introspection_url or discovery (whose metadata offers an introspection_endpoint)")
 	}
 	if c.URL != "" {
 		p, err := url.Parse(c.URL)
@@ -97,8 +97,8 @@ func validateIntrospection(ic *IssuerConfig) error {
 			return errors.New("introspection_url must be an absolute http(s) URL")
 		}
 	}
-	if c.ClientID == "" {
-		return errors.New("opaque_tokens needs introspection_client_id (the gateway's client at the issuer)")
+	if c.ClientID == "" && c.AuthMethod != "private_key_jwt" {
+		return errors.New("opaque_tokens needs introspection_client_id and introspection_client_secret (the gateway's credentials at the issuer), or introspection_auth private_key_jwt")
 	}
 	switch c.AuthMethod {
 	case "":
@@ -108,14 +108,16 @@ func validateIntrospection(ic *IssuerConfig) error {
 		return fmt.Errorf("introspection_auth must be client_secret_basic, client_secret_post or private_key_jwt, not %q", c.AuthMethod)
 	}
 	if c.AuthMethod == "private_key_jwt" {
-		if c.KeyFile == "" || c.ClientSecret != "" {
-			return errors.New("introspection_auth private_key_jwt needs introspection_key_file, and no introspection_client_secret")
+		if c.ClientID == "" || c.KeyFile == "" || c.ClientSecret != "" {
+			return errors.New("introspection_auth private_key_jwt needs introspection_client_id and introspection_key_file, and no introspection_client_secret")
 		}
-		s, err := loadAssertionKey(c.KeyFile)
-		if err != nil {
-			return err
+		if load {
+			s, err := loadAssertionKey(c.KeyFile)
+			if err != nil {
+				return err
+			}
+			c.signer = s
 		}
-		c.signer = s
 	} else {
 		if c.ClientSecret == "" {
 			return errors.New("opaque_tokens needs introspection_client_id and introspection_client_secret (the gateway's credentials at the issuer), or introspection_auth private_key_jwt")

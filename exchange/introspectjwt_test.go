@@ -217,7 +217,7 @@ func TestIntrospectionPrivateKeyJWTConfigErrors(t *testing.T) {
 		ic   IssuerConfig
 		want string
 	}{
-		"no key file":                 {pkj("", ""), "needs introspection_key_file"},
+		"no key file":                 {pkj("", ""), "needs introspection_client_id and introspection_key_file"},
 		"key file and secret":         {pkj(path, "s3cret"), "no introspection_client_secret"},
 		"missing key file":            {pkj(filepath.Join(t.TempDir(), "nope"), ""), "introspection_key_file"},
 		"public key only":             {pkj(pubOnly, ""), "not a private key"},

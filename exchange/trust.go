@@ -223,7 +223,7 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 		FetchTimeout: cfg.FetchTimeout, HTTPClient: cfg.HTTPClient, Now: ts.now, Deferred: cfg.DeferFetching,
 	})
 	for _, ic := range cfg.Issuers {
-		if err := validateIssuerConfig(&ic); err != nil {
+		if err := validateIssuerConfig(&ic, true); err != nil {
 			ts.Close()
 			return nil, fmt.Errorf("trusted issuer %q: %w", ic.Issuer, err)
 		}
@@ -261,7 +261,17 @@ func NewTrustStore(ctx context.Context, cfg TrustConfig) (*TrustStore, error) {
 	return ts, nil
 }
 
-func validateIssuerConfig(ic *IssuerConfig) error {
+// Check validates a trusted issuer's configuration as NewTrustStore does,
+// without reading any file or touching the network: the one validator of a
+// trust block, for the Caddyfile adapter (which adds the line) as well as
+// for JSON configs (through NewTrustStore).
+func (ic IssuerConfig) Check() error {
+	return validateIssuerConfig(&ic, false)
+}
+
+// validateIssuerConfig checks ic and fills in its defaults; with load, it
+// also loads what the configuration names (the introspection key file).
+func validateIssuerConfig(ic *IssuerConfig, load bool) error {
 	if ic.Issuer == "" {
 		return errors.New("issuer must not be empty")
 	}
@@ -276,7 +286,7 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 	}
 	switch {
 	case n != 1:
-		return errors.New("exactly one of jwks_url, jwks_file or discovery (discovery_url) is required")
+		return errors.New("exactly one of jwks_url, jwks_file or discovery (discovery_url) is required, for example: jwks_url https://idp.example.com/.well-known/jwks.json, or discovery")
 	case ic.JWKSURL != "":
 		if err := CheckJWKSURL(ic.JWKSURL); err != nil {
 			return err
@@ -290,14 +300,14 @@ func validateIssuerConfig(ic *IssuerConfig) error {
 			return err
 		}
 	}
-	if err := validateIntrospection(ic); err != nil {
+	if err := validateIntrospection(ic, load); err != nil {
 		return err
 	}
 	if ic.IDTokenClaims == nil {
 		ic.IDTokenClaims = DefaultIDTokenClaims
 	}
 	if len(ic.Audiences) == 0 {
-		return errors.New("at least one audience is required: tokens meant for another service must not pass")
+		return errors.New("audience is required: add `audience <aud>`, the aud the issuer puts into tokens meant for this gateway (often the gateway's URL or an API identifier); tokens meant for another service must not pass")
 	}
 	if len(ic.Algorithms) == 0 {
 		return errors.New("algorithms is required (for example: algorithms RS256 ES256)")
