@@ -22,13 +22,11 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/lestrrat-go/jwx/v3/jwa"
 	"github.com/lestrrat-go/jwx/v3/jwe"
 	"github.com/lestrrat-go/jwx/v3/jwk"
@@ -125,15 +123,11 @@ type atkGateway struct {
 
 func startAttackGateway(t *testing.T, globalExtra string) *atkGateway {
 	t.Helper()
-	idp := testidp.New(t, atkIdP)
-	idp.AddKey("rsa-1", "RS256")
-	idp.AddKey("ec-1", "ES256")
-	evil := testidp.New(t, "https://evil.test")
-	evil.AddKey("ec-1", "ES256") // same kid as the real key
-	evil.AddKey("rsa-1", "RS256")
+	idp := newTestIdP(t, atkIdP)
+	evil := newTestIdP(t, "https://evil.test") // the same kids as the real keys
 	up := newAtkUpstream(t)
 	clientKey, clientJWKS := newClientKey(t, "key-1")
-	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	f := newCaddyFixture(t)
 	upstream := strings.TrimPrefix(up.URL, "http://")
 	config := fmt.Sprintf(`{
 %s	token_exchange {
@@ -216,7 +210,7 @@ http://:%d {
 		token_exchange_jwks
 	}
 }
-`, testGlobalOptions(logFile, t.TempDir()), gatewayIssuer, globalExtra,
+`, f.globals(), gatewayIssuer, globalExtra,
 		atkIdP, idp.JWKSURL(), atkAudience,
 		atkClient, bcryptHash(t, atkSecret), audOrders, atkResource,
 		atkNarrow, bcryptHash(t, atkNarrowSec), audOrders,
@@ -226,10 +220,9 @@ http://:%d {
 		atkKeyCl, clientJWKS, audOrders,
 		gatewayPort, defaultRoute, upstream, atkRuleAud, upstream,
 		audOrders, upstream, audOrders, atkCELRules, upstream)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(config, "caddyfile")
-	fltWarmUp(t, tester)
-	return &atkGateway{gateway: &gateway{tester: tester, idp: idp, logFile: logFile}, up: up, evil: evil, clientKey: clientKey}
+	g := f.start(t, config, idp, nil)
+	fltWarmUp(t, g.tester)
+	return &atkGateway{gateway: g, up: up, evil: evil, clientKey: clientKey}
 }
 
 // atkReq is one request to the middleware.

@@ -117,11 +117,9 @@ func newClientKey(t *testing.T, kid string) (*ecdsa.PrivateKey, string) {
 // the metadata document.
 func startSTS(t *testing.T, opts stsOptions) *sts {
 	t.Helper()
-	idp := testidp.New(t, "https://idp.test")
-	idp.AddKey("rsa-1", "RS256")
-	idp.AddKey("ec-1", "ES256")
+	idp := newTestIdP(t, "https://idp.test")
 	clientKey, jwksFile := newClientKey(t, "key-svc-1")
-	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	f := newCaddyFixture(t)
 	selfTrust := ""
 	if opts.trustSelf {
 		selfTrust = fmt.Sprintf(`trust %s {
@@ -177,15 +175,14 @@ http://localhost:%d {
 		token_exchange_metadata
 	}
 }
-`, testGlobalOptions(logFile, t.TempDir()), stsBase, idp.JWKSURL(), selfTrust,
+`, f.globals(), stsBase, idp.JWKSURL(), selfTrust,
 		secretClient, bcryptHash(t, secretValue), audOrders, audBilling, resOrders,
 		keyClient, jwksFile, audOrders,
 		impClient, bcryptHash(t, impSecret), audOrders,
 		noAudClient, bcryptHash(t, noAudSecret),
 		gatewayPort)
-	tester := caddytest.NewTester(t)
-	tester.InitServer(config, "caddyfile")
-	return &sts{tester: tester, idp: idp, logFile: logFile, clientKey: clientKey, clientKid: "key-svc-1"}
+	g := f.start(t, config, idp, nil)
+	return &sts{tester: g.tester, idp: idp, logFile: g.logFile, clientKey: clientKey, clientKid: "key-svc-1"}
 }
 
 // stsResponse is one answer of the token endpoint.

@@ -151,16 +151,13 @@ http://localhost:%d {
 
 func startFaultGateway(t *testing.T, mode fltMode, refetch string) *fltGateway {
 	t.Helper()
-	idp := testidp.New(t, "https://idp.test")
-	idp.AddKey("rsa-1", "RS256")
-	idp.AddKey("ec-1", "ES256")
+	idp := newTestIdP(t, "https://idp.test")
 	s := newFltJWKS(t, idp, mode)
 	upstream := newRecordingUpstream(t)
-	logFile := filepath.Join(t.TempDir(), "caddy.log")
-	tester := caddytest.NewTester(t)
-	tester.InitServer(fltConfig(logFile, t.TempDir(), s.URL+"/jwks.json", refetch, audOrders, upstream.URL), "caddyfile")
-	fltWarmUp(t, tester)
-	return &fltGateway{gateway: &gateway{tester: tester, idp: idp, upstream: upstream, logFile: logFile}, jwks: s}
+	f := newCaddyFixture(t)
+	g := f.start(t, fltConfig(f.logFile, f.storage, s.URL+"/jwks.json", refetch, audOrders, upstream.URL), idp, upstream)
+	fltWarmUp(t, g.tester)
+	return &fltGateway{gateway: g, jwks: s}
 }
 
 // fltWarmUp waits until the freshly loaded config answers: right after a

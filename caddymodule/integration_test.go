@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -147,11 +146,9 @@ func startGateway(t *testing.T, routeBlock string) *gateway {
 // block. routeBlock is what the /api/* route runs before reverse_proxy.
 func startGatewayWithTrust(t *testing.T, trustExtra, routeBlock string) *gateway {
 	t.Helper()
-	idp := testidp.New(t, "https://idp.test")
-	idp.AddKey("rsa-1", "RS256")
-	idp.AddKey("ec-1", "ES256")
+	idp := newTestIdP(t, "https://idp.test")
 	upstream := newRecordingUpstream(t)
-	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	f := newCaddyFixture(t)
 	config := fmt.Sprintf(`{
 %s	token_exchange {
 		issuer %s
@@ -173,10 +170,8 @@ http://localhost:%d {
 		token_exchange_jwks
 	}
 }
-`, testGlobalOptions(logFile, t.TempDir()), gatewayIssuer, idp.JWKSURL(), trustExtra, gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
-	tester := caddytest.NewTester(t)
-	tester.InitServer(config, "caddyfile")
-	return &gateway{tester: tester, idp: idp, upstream: upstream, logFile: logFile}
+`, f.globals(), gatewayIssuer, idp.JWKSURL(), trustExtra, gatewayPort, routeBlock, strings.TrimPrefix(upstream.URL, "http://"))
+	return f.start(t, config, idp, upstream)
 }
 
 func (g *gateway) get(t *testing.T, path string, headers map[string]string) *http.Response {
