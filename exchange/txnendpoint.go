@@ -155,57 +155,19 @@ func (e *Engine) TxnTokenExchange(ctx context.Context, req *TokenRequest, client
 		if err != nil {
 			return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
 		}
-		ceiling := client.Config.Scopes
-		if len(req.Scopes) > 0 {
-			ceiling = IntersectScopes(req.Scopes, ceiling)
+		if spec, err = e.subjectTxnSpec(subject, m.Actor, req, client, cfg, AuthnTokenExchange, cfg.Namespaced); err != nil {
+			return nil, err
 		}
-		// The client's policy (may_act, rules, scope narrowing) is the one
-		// of an access-token exchange; its result gives sub and scope.
-		grant := &Grant{Audiences: []string{cfg.TrustDomain}, Scopes: ceiling, ClientID: client.ClientID, Rules: client.Config.Rules}
-		policy, err := e.Exchange(ExchangeInput{Subject: subject, Actor: m.Actor, Client: client.ClientID}, grant)
-		if err != nil {
-			return nil, asRequestError(AsError(withSubject(err, subject)))
-		}
-		if len(req.Scopes) > 0 && len(policy.Scopes) == 0 {
-			return nil, &Error{Kind: KindInvalidScope, Reason: "invalid_scope", Description: "none of the requested scope can be granted"}
-		}
-		rctx := maps.Clone(req.RequestContext)
-		if rctx == nil {
-			rctx = map[string]any{}
-		}
-		if _, ok := rctx["authn"]; !ok {
-			rctx["authn"] = AuthnTokenExchange
-		}
-		spec = TxnSpec{TrustDomain: cfg.TrustDomain, Lifetime: cfg.Lifetime, NotAfter: subject.Expiry,
-			Subject: TxnSubject(subject.Issuer, subject.Subject, cfg.Namespaced), Scopes: policy.Scopes,
-			RequestingWorkload: client.ClientID, Rctx: rctx, Tctx: req.RequestDetails}
 		m.SubjectIssuer = subject.Issuer
 	case "self_signed", "unsigned_json":
 		subject, err := e.workloadSubject(ctx, req, client, cfg)
 		if err != nil {
 			return nil, asRequestError(prefixed(AsError(err), "subject_token: "))
 		}
-		grant := &Grant{Audiences: []string{cfg.TrustDomain}, Scopes: client.Config.Scopes, ClientID: client.ClientID, Rules: client.Config.Rules}
-		if len(req.Scopes) > 0 {
-			grant.Scopes = IntersectScopes(req.Scopes, client.Config.Scopes)
+		// a workload's own statement: its sub is always namespaced by it
+		if spec, err = e.subjectTxnSpec(subject, m.Actor, req, client, cfg, req.SubjectTokenType, true); err != nil {
+			return nil, err
 		}
-		policy, err := e.Exchange(ExchangeInput{Subject: subject, Actor: m.Actor, Client: client.ClientID}, grant)
-		if err != nil {
-			return nil, asRequestError(AsError(withSubject(err, subject)))
-		}
-		if len(req.Scopes) > 0 && len(policy.Scopes) == 0 {
-			return nil, &Error{Kind: KindInvalidScope, Reason: "invalid_scope", Description: "none of the requested scope can be granted"}
-		}
-		rctx := maps.Clone(req.RequestContext)
-		if rctx == nil {
-			rctx = map[string]any{}
-		}
-		if _, ok := rctx["authn"]; !ok {
-			rctx["authn"] = req.SubjectTokenType
-		}
-		spec = TxnSpec{TrustDomain: cfg.TrustDomain, Lifetime: cfg.Lifetime, NotAfter: subject.Expiry,
-			Subject: TxnSubject(subject.Issuer, subject.Subject, true), Scopes: policy.Scopes,
-			RequestingWorkload: client.ClientID, Rctx: rctx, Tctx: req.RequestDetails}
 		m.SubjectIssuer = subject.Issuer
 	default:
 		return nil, badRequest("unsupported_token_type", "a Txn-Token is issued for an access token, a JWT, a Txn-Token (replacement), or where allowed a self_signed or unsigned_json subject token")
@@ -221,6 +183,35 @@ func (e *Engine) TxnTokenExchange(ctx context.Context, req *TokenRequest, client
 		issued.Scope = granted
 	}
 	return issued, nil
+}
+
+// subjectTxnSpec describes the Txn-Token for a verified subject: the
+// client's policy (may_act, rules, scope narrowing) is the one of an
+// access-token exchange, and its result gives sub and scope; rctx is the
+// request's request_context, with authn as its default "authn".
+func (e *Engine) subjectTxnSpec(subject *Subject, actor Actor, req *TokenRequest, client *AuthenticatedClient, cfg *TxnEndpointConfig, authn string, namespaced bool) (TxnSpec, error) {
+	ceiling := client.Config.Scopes
+	if len(req.Scopes) > 0 {
+		ceiling = IntersectScopes(req.Scopes, ceiling)
+	}
+	grant := &Grant{Audiences: []string{cfg.TrustDomain}, Scopes: ceiling, ClientID: client.ClientID, Rules: client.Config.Rules}
+	policy, err := e.Exchange(ExchangeInput{Subject: subject, Actor: actor, Client: client.ClientID}, grant)
+	if err != nil {
+		return TxnSpec{}, asRequestError(AsError(withSubject(err, subject)))
+	}
+	if len(req.Scopes) > 0 && len(policy.Scopes) == 0 {
+		return TxnSpec{}, &Error{Kind: KindInvalidScope, Reason: "invalid_scope", Description: "none of the requested scope can be granted"}
+	}
+	rctx := maps.Clone(req.RequestContext)
+	if rctx == nil {
+		rctx = map[string]any{}
+	}
+	if _, ok := rctx["authn"]; !ok {
+		rctx["authn"] = authn
+	}
+	return TxnSpec{TrustDomain: cfg.TrustDomain, Lifetime: cfg.Lifetime, NotAfter: subject.Expiry,
+		Subject: TxnSubject(subject.Issuer, subject.Subject, namespaced), Scopes: policy.Scopes,
+		RequestingWorkload: client.ClientID, Rctx: rctx, Tctx: req.RequestDetails}, nil
 }
 
 // workloadSubject reads a self_signed or unsigned_json subject token: the
