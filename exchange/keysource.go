@@ -405,7 +405,6 @@ func (s *KeySource) fetch(ctx context.Context) (attempted bool, next time.Durati
 	}
 	st := &keyState{idx: idx, goodAt: now}
 	s.state.Store(st)
-	s.report(st, nil)
 	switch {
 	case maxAge <= 0:
 		return true, s.minRefresh
@@ -455,19 +454,22 @@ func (s *KeySource) get(ctx context.Context, jwksURL string) (jwk.Set, time.Dura
 	return set, maxAge, nil
 }
 
-// report tells every user of the source how a fetch went: their metrics
-// count it, a fault is logged loudly with how long the last good keys last.
-func (s *KeySource) report(st *keyState, err error) {
+// usersNow is a snapshot of the source's users, taken under its lock so
+// that they are called without it.
+func (s *KeySource) usersNow() []*keyUser {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	users := make([]*keyUser, 0, len(s.users))
 	for u := range s.users {
 		users = append(users, u)
 	}
-	s.mu.Unlock()
-	for _, u := range users {
-		if err == nil {
-			continue
-		}
+	return users
+}
+
+// report logs a failed fetch loudly to every user of the source, with how
+// long the last good keys last.
+func (s *KeySource) report(st *keyState, err error) {
+	for _, u := range s.usersNow() {
 		fields := []zap.Field{u.field, zap.String("jwks_url", s.currentJWKSURL()), zap.Error(err)}
 		if s.discovery != nil {
 			fields = append(fields, zap.Strings("discovery_urls", s.discovery.urls))
@@ -485,13 +487,7 @@ func (s *KeySource) report(st *keyState, err error) {
 // count tells every user's metrics of one HTTP request the source made (a
 // JWKS or a metadata fetch) and how it went.
 func (s *KeySource) count(err error) {
-	s.mu.Lock()
-	users := make([]*keyUser, 0, len(s.users))
-	for u := range s.users {
-		users = append(users, u)
-	}
-	s.mu.Unlock()
-	for _, u := range users {
+	for _, u := range s.usersNow() {
 		if u.onFetch != nil {
 			u.onFetch(u.name, err)
 		}
