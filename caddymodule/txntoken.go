@@ -73,14 +73,9 @@ func (o *TxnTokenOptions) provision(app *App) error {
 	if o.Workload == "" {
 		o.Workload = app.Engine().Actor().Subject
 	}
-	switch o.Subject {
-	case "", txnSubjectAuto:
-		o.namespaced = len(app.trust.Issuers()) > 1
-	case txnSubjectPlain:
-	case txnSubjectNamespaced:
-		o.namespaced = true
-	default:
-		return fmt.Errorf("txn_token: subject must be auto, plain or namespaced, not %q", o.Subject)
+	var err error
+	if o.namespaced, err = txnNamespaced(o.Subject, app); err != nil {
+		return err
 	}
 	switch o.Authorization {
 	case "", txnAuthzDelegated, txnAuthzNone:
@@ -256,6 +251,21 @@ type TxnEndpointOptions struct {
 	AllowSubjectTypes []string `json:"allow_subject_types,omitempty"`
 }
 
+// txnNamespaced tells whether a Txn-Token's sub is namespaced by its
+// issuer, for the subject option (auto: when more than one issuer is
+// trusted, where the same sub could name different users).
+func txnNamespaced(subject string, app *App) (bool, error) {
+	switch subject {
+	case "", txnSubjectAuto:
+		return len(app.trust.Issuers()) > 1, nil
+	case txnSubjectPlain:
+		return false, nil
+	case txnSubjectNamespaced:
+		return true, nil
+	}
+	return false, fmt.Errorf("txn_token: subject must be auto, plain or namespaced, not %q", subject)
+}
+
 // config turns the options into the library's (nil: Txn-Tokens refused).
 func (o *TxnEndpointOptions) config(app *App) (*exchange.TxnEndpointConfig, error) {
 	if o == nil {
@@ -272,14 +282,9 @@ func (o *TxnEndpointOptions) config(app *App) (*exchange.TxnEndpointConfig, erro
 			return nil, fmt.Errorf("txn_token allow_subject_types: %q is not self_signed or unsigned_json", t)
 		}
 	}
-	switch o.Subject {
-	case "", txnSubjectAuto:
-		c.Namespaced = len(app.trust.Issuers()) > 1
-	case txnSubjectPlain:
-	case txnSubjectNamespaced:
-		c.Namespaced = true
-	default:
-		return nil, fmt.Errorf("txn_token: subject must be auto, plain or namespaced, not %q", o.Subject)
+	var err error
+	if c.Namespaced, err = txnNamespaced(o.Subject, app); err != nil {
+		return nil, err
 	}
 	if err := c.Validate(); err != nil {
 		return nil, err
