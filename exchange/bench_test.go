@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/crypto/bcrypt"
 
@@ -132,6 +133,61 @@ func BenchmarkCryptoFloor(b *testing.B) {
 				}
 				signWith(b, signKey, pair[1], msg)
 			}
+		})
+	}
+}
+
+// BenchmarkFloorRatio interleaves, in batches, the engine's full miss and
+// the raw crypto floor on the very same bytes (the inbound token's signing
+// input verified, the minted token's signing input signed), and reports
+// both and their ratio: the machine's load drifts during a run, and a ratio
+// of two interleaved measurements cancels most of that drift.
+//
+//	go test -run '^$' -bench FloorRatio -benchtime 4s ./exchange/
+func BenchmarkFloorRatio(b *testing.B) {
+	for _, pair := range [][2]string{{"RS256", "ES256"}, {"ES256", "ES256"}, {"EdDSA", "EdDSA"}, {"RS256", "RS256"}} {
+		b.Run("in="+pair[0]+"/out="+pair[1], func(b *testing.B) {
+			e, tok := benchEngine(b, pair[0], pair[1])
+			e.cache = nil
+			ctx := context.Background()
+			m, err := e.ExchangeBearer(ctx, tok, benchGrant, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			// The floor's inputs: the inbound token's signature over its
+			// signing input, with the IdP's key, and the minted token's
+			// signing input for the gateway's key.
+			verifyKey := testidp.GenerateKey(b, pair[0])
+			verifyInput := []byte(tok[:strings.LastIndexByte(tok, '.')])
+			verifySig := signWith(b, verifyKey, pair[0], verifyInput)
+			signKey := testidp.GenerateKey(b, pair[1])
+			signInput := []byte(m.Token[:strings.LastIndexByte(m.Token, '.')])
+
+			const batch = 16
+			var engine, floor time.Duration
+			ops := 0
+			for b.Loop() {
+				t0 := time.Now()
+				for range batch {
+					if _, err := e.ExchangeBearer(ctx, tok, benchGrant, nil); err != nil {
+						b.Fatal(err)
+					}
+				}
+				t1 := time.Now()
+				for range batch {
+					if !verifyWith(verifyKey.Public(), pair[0], verifyInput, verifySig) {
+						b.Fatal("verify failed")
+					}
+					signWith(b, signKey, pair[1], signInput)
+				}
+				t2 := time.Now()
+				engine += t1.Sub(t0)
+				floor += t2.Sub(t1)
+				ops += batch
+			}
+			b.ReportMetric(float64(engine.Nanoseconds())/float64(ops), "engine-ns/op")
+			b.ReportMetric(float64(floor.Nanoseconds())/float64(ops), "floor-ns/op")
+			b.ReportMetric(float64(engine)/float64(floor), "ratio")
 		})
 	}
 }

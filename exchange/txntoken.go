@@ -139,7 +139,7 @@ func (e *Engine) MintTxnToken(spec TxnSpec) (*TxnToken, error) {
 	if signer == nil {
 		return nil, &Error{Kind: KindUnavailable, Reason: "no_signing_key", Description: "the signing key is not loaded yet; retry later", RetryAfter: time.Second}
 	}
-	raw, err := signTyped(signer, payload, TxnTokenTyp)
+	raw, err := signTxnToken(signer, payload)
 	if err != nil {
 		return nil, &Error{Kind: KindServer, Reason: "signing", Description: "internal error", Err: err}
 	}
@@ -147,21 +147,10 @@ func (e *Engine) MintTxnToken(spec TxnSpec) (*TxnToken, error) {
 		Scopes: spec.Scopes, RequestingWorkload: spec.RequestingWorkload, IssuedAt: now, Expiry: exp, Rctx: spec.Rctx, Tctx: spec.Tctx}, nil
 }
 
-// signTyped signs payload as a compact JWS with the signer's key and kid
-// and the given typ.
-func signTyped(s *Signer, payload []byte, typ string) (string, error) {
-	headers := jws.NewHeaders()
-	if err := headers.Set(jws.TypeKey, typ); err != nil {
-		return "", err
-	}
-	if err := headers.Set(jws.KeyIDKey, s.kid); err != nil {
-		return "", err
-	}
-	b, err := jws.Sign(payload, jws.WithKey(s.alg, s.private, jws.WithProtectedHeaders(headers)))
-	if err != nil {
-		return "", fmt.Errorf("signing Txn-Token: %w", err)
-	}
-	return string(b), nil
+// signTxnToken signs payload as a Txn-Token (typ txntoken+jwt) with the
+// signer's key and kid.
+func signTxnToken(s *Signer, payload []byte) (string, error) {
+	return s.signCompact(s.txnTokenHeader, payload)
 }
 
 // TxnSubject is the sub of a Txn-Token for a subject token's (issuer, sub):

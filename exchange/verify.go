@@ -15,8 +15,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/lestrrat-go/jwx/v3/jwa"
-	"github.com/lestrrat-go/jwx/v3/jws"
+	"github.com/lestrrat-go/jwx/v3/jws/jwsbb"
 )
 
 // Subject is a verified inbound token: who it names, what it holds.
@@ -132,13 +131,12 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, invalidToken("bad_algorithm", "token algorithm is not accepted")
 	}
 
-	// The signature is decoded again by jws; checking it strictly here means
-	// no two spellings of one signature both verify.
-	var sigBuf [1024]byte
-	if len(s64) > base64.RawURLEncoding.EncodedLen(len(sigBuf)) {
+	// Checked before any key lookup or crypto; verifyJWS decodes it the
+	// same strict way, so no two spellings of one signature both verify.
+	var sigBuf [maxSignatureBytes]byte
+	if _, err := decodeSignature(&sigBuf, s64); errors.Is(err, errSignatureTooLong) {
 		return nil, invalidToken("malformed", "token signature is too long")
-	}
-	if _, err := base64.RawURLEncoding.Strict().Decode(sigBuf[:], []byte(s64)); err != nil {
+	} else if err != nil {
 		return nil, invalidToken("malformed", "token signature is not valid base64url")
 	}
 	payload, err := base64.RawURLEncoding.Strict().DecodeString(p64)
@@ -492,16 +490,42 @@ func decodeSegment(seg string, dst any) error {
 // verifyJWS checks a compact JWS with the key its header selects (kid and
 // alg within the source's keys, refetching when none fits): the one
 // signature check of subject tokens, actor tokens and client assertions.
-// The caller has checked alg against its allow-list.
+// The caller has checked alg against its allow-list, and splitJWS has
+// checked the shape of raw. The check itself is jwx's building block
+// (jwsbb.Verify, where jws.Verify ends): the header was already parsed
+// once, strictly, and is not parsed again.
 func (u *keyUser) verifyJWS(ctx context.Context, hdr jwsHeader, raw string) (verifyKey, keyStatus, error) {
 	key, status := u.keyFor(ctx, hdr.Kid, hdr.Alg)
 	if status != keyFound {
 		return key, status, nil
 	}
-	alg, ok := jwa.LookupSignatureAlgorithm(hdr.Alg)
-	if !ok {
-		return key, keyUnknown, nil
+	dot := strings.LastIndexByte(raw, '.')
+	if dot < 0 {
+		return key, keyFound, errNotCompact
 	}
-	_, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg)
-	return key, keyFound, err
+	var sigBuf [maxSignatureBytes]byte
+	sig, err := decodeSignature(&sigBuf, raw[dot+1:])
+	if err != nil {
+		return key, keyFound, err
+	}
+	return key, keyFound, jwsbb.Verify(key.pub, hdr.Alg, []byte(raw[:dot]), sig)
+}
+
+// maxSignatureBytes bounds a signature: an RSA signature of a 8192-bit key
+// is 1024 bytes, larger than any other algorithm's.
+const maxSignatureBytes = 1024
+
+var errSignatureTooLong = errors.New("signature is too long")
+
+// decodeSignature decodes a base64url signature segment strictly (one
+// spelling per signature) into buf.
+func decodeSignature(buf *[maxSignatureBytes]byte, s64 string) ([]byte, error) {
+	if len(s64) > base64.RawURLEncoding.EncodedLen(len(buf)) {
+		return nil, errSignatureTooLong
+	}
+	n, err := base64.RawURLEncoding.Strict().Decode(buf[:], []byte(s64))
+	if err != nil {
+		return nil, err
+	}
+	return buf[:n], nil
 }
