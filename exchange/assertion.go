@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -55,8 +54,8 @@ func (c *Clients) checkAssertion(ctx context.Context, cred ClientCredentials) (*
 		return nil, &Error{Kind: KindInvalidClient, Reason: "malformed_assertion",
 			Description: "client_assertion payload is not strict JSON (a duplicate member or invalid UTF-8)", Err: err}
 	}
-	var claims map[string]any
-	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
+	claims, err := decodeJSONObject(payload)
+	if err != nil {
 		return nil, clientError("malformed_assertion", "client_assertion payload is not a valid JSON claims set")
 	}
 	iss, err1 := stringClaim(claims, "iss")
@@ -258,8 +257,8 @@ func (c *Clients) VerifySelfSigned(ctx context.Context, clientID, raw string) (m
 	if err != nil || checkStrictJSON(payload) != nil {
 		return nil, invalidToken("malformed", "self_signed subject token payload is not strict JSON")
 	}
-	var claims map[string]any
-	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
+	claims, err := decodeJSONObject(payload)
+	if err != nil {
 		return nil, invalidToken("malformed", "self_signed subject token payload is not a JSON object")
 	}
 	_, status, verr := rc.keys.verifyJWS(ctx, hdr, raw)

@@ -69,8 +69,8 @@ func (in *introspector) verifyIntrospectionJWT(ctx context.Context, body []byte)
 	if err := checkStrictJSON(payload); err != nil {
 		return nil, fmt.Errorf("the JWT response's payload is not strict JSON: %w", err)
 	}
-	var claims map[string]any
-	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
+	claims, err := decodeJSONObject(payload)
+	if err != nil {
 		return nil, errors.New("the JWT response's payload is not a JSON object")
 	}
 	if iss, err := stringClaim(claims, "iss"); err != nil || iss != in.ti.cfg.Issuer {

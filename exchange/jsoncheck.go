@@ -24,14 +24,19 @@ func checkStrictJSON(b []byte) error {
 	if !utf8.Valid(b) {
 		return errors.New("not valid UTF-8")
 	}
+	// The member names of the open objects share one slice: an object's
+	// names are keys[start:] while it is the innermost open object, and are
+	// dropped when it closes. Past 32 names an object switches to a set.
 	type frame struct {
 		isObj     bool
 		expectKey bool
-		keys      [][]byte
+		start     int
 		keySet    map[string]struct{}
 	}
 	var stackBuf [8]frame
 	stack := stackBuf[:0]
+	var keysBuf [48][]byte
+	keys := keysBuf[:0]
 	values := 0
 	i := skipSpace(b, 0)
 	for i < len(b) {
@@ -46,12 +51,13 @@ func checkStrictJSON(b []byte) error {
 			if len(stack) == maxJSONDepth {
 				return fmt.Errorf("JSON nested deeper than %d", maxJSONDepth)
 			}
-			stack = append(stack, frame{isObj: c == '{', expectKey: c == '{'})
+			stack = append(stack, frame{isObj: c == '{', expectKey: c == '{', start: len(keys)})
 			i++
 		case c == '}' || c == ']':
 			if len(stack) == 0 || stack[len(stack)-1].isObj != (c == '}') {
 				return errors.New("unbalanced JSON")
 			}
+			keys = keys[:stack[len(stack)-1].start]
 			stack = stack[:len(stack)-1]
 			i++
 		case c == ',':
@@ -76,17 +82,17 @@ func checkStrictJSON(b []byte) error {
 					key = []byte(s)
 				}
 				f := &stack[top]
-				if f.keySet == nil && len(f.keys) < 32 {
-					for _, k := range f.keys {
+				if f.keySet == nil && len(keys)-f.start < 32 {
+					for _, k := range keys[f.start:] {
 						if bytes.Equal(k, key) {
 							return fmt.Errorf("duplicate member %s", b[i:end])
 						}
 					}
-					f.keys = append(f.keys, key)
+					keys = append(keys, key)
 				} else {
 					if f.keySet == nil {
 						f.keySet = make(map[string]struct{}, 64)
-						for _, k := range f.keys {
+						for _, k := range keys[f.start:] {
 							f.keySet[string(k)] = struct{}{}
 						}
 					}

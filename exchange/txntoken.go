@@ -342,8 +342,8 @@ func verifyTxn(ctx context.Context, raw string, c txnCheck) (*TxnToken, error) {
 	if _, err := jws.VerifyCompactFast(key.pub, []byte(raw), alg); err != nil {
 		return nil, invalidToken("bad_signature", "Txn-Token signature does not verify")
 	}
-	var claims map[string]any
-	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
+	claims, err := decodeJSONObject(payload)
+	if err != nil {
 		return nil, invalidToken("malformed", "Txn-Token payload is not a JSON claims set")
 	}
 	exp, terr := checkClaimTimes(claims, c.now, c.skew)

@@ -67,11 +67,7 @@ func (s *Subject) Claim(name string) (any, bool) {
 
 // jwsHeader is the part of a JOSE header we decide on before any crypto.
 type jwsHeader struct {
-	Alg  string          `json:"alg"`
-	Kid  string          `json:"kid"`
-	Typ  string          `json:"typ"`
-	Crit json.RawMessage `json:"crit"`
-	B64  json.RawMessage `json:"b64"`
+	Alg, Kid, Typ string
 }
 
 // HashToken returns the hex SHA-256 of a raw token, the only form of a token
@@ -133,8 +129,7 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 
 	// Checked before any key lookup or crypto; verifyJWS decodes it the
 	// same strict way, so no two spellings of one signature both verify.
-	var sigBuf [maxSignatureBytes]byte
-	if _, err := decodeSignature(&sigBuf, s64); errors.Is(err, errSignatureTooLong) {
+	if _, err := decodeSignature(s64); errors.Is(err, errSignatureTooLong) {
 		return nil, invalidToken("malformed", "token signature is too long")
 	} else if err != nil {
 		return nil, invalidToken("malformed", "token signature is not valid base64url")
@@ -146,8 +141,8 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if err := checkStrictJSON(payload); err != nil {
 		return nil, invalidToken("malformed", "token payload is not strict JSON: %v", err)
 	}
-	var claims map[string]any
-	if err := json.Unmarshal(payload, &claims); err != nil || claims == nil {
+	claims, err := decodeJSONObject(payload)
+	if err != nil {
 		return nil, invalidToken("malformed", "token payload is not a valid JSON claims set")
 	}
 	iss, err := stringClaim(claims, "iss")
@@ -460,16 +455,52 @@ func splitJWS(raw string) (hdr jwsHeader, payload64, sig64 string, err error) {
 	if h64 == "" || payload64 == "" || sig64 == "" {
 		return hdr, "", "", errEmptySegment
 	}
-	if err := decodeSegment(h64, &hdr); err != nil {
+	hdr, err = decodeJWSHeader(h64)
+	if err != nil {
 		return hdr, "", "", err
 	}
-	if hdr.Crit != nil {
-		return hdr, "", "", errCrit
-	}
-	if hdr.B64 != nil {
-		return hdr, "", "", errB64
-	}
 	return hdr, payload64, sig64, nil
+}
+
+// decodeJWSHeader decodes a protected header strictly: member names match
+// exactly (encoding/json would also read "ALG" as alg), alg, kid and typ
+// must be strings, and crit and b64 are refused.
+func decodeJWSHeader(h64 string) (jwsHeader, error) {
+	var hdr jwsHeader
+	b, err := base64.RawURLEncoding.Strict().DecodeString(h64)
+	if err != nil {
+		return hdr, err
+	}
+	if err := checkStrictJSON(b); err != nil {
+		return hdr, err
+	}
+	m, err := decodeJSONObject(b)
+	if err != nil {
+		return hdr, err
+	}
+	if _, ok := m["crit"]; ok {
+		return hdr, errCrit
+	}
+	if _, ok := m["b64"]; ok {
+		return hdr, errB64
+	}
+	alg, ok1 := optionalString(m, "alg")
+	kid, ok2 := optionalString(m, "kid")
+	typ, ok3 := optionalString(m, "typ")
+	if !ok1 || !ok2 || !ok3 {
+		return hdr, errors.New("header alg, kid or typ is not a string")
+	}
+	return jwsHeader{Alg: alg, Kid: kid, Typ: typ}, nil
+}
+
+// optionalString is m[name] when it is a string or absent ("").
+func optionalString(m map[string]any, name string) (string, bool) {
+	v, ok := m[name]
+	if !ok {
+		return "", true
+	}
+	s, ok := v.(string)
+	return s, ok
 }
 
 // decodeSegment decodes one base64url JWS segment holding a JSON object.
@@ -503,8 +534,7 @@ func (u *keyUser) verifyJWS(ctx context.Context, hdr jwsHeader, raw string) (ver
 	if dot < 0 {
 		return key, keyFound, errNotCompact
 	}
-	var sigBuf [maxSignatureBytes]byte
-	sig, err := decodeSignature(&sigBuf, raw[dot+1:])
+	sig, err := decodeSignature(raw[dot+1:])
 	if err != nil {
 		return key, keyFound, err
 	}
@@ -518,14 +548,16 @@ const maxSignatureBytes = 1024
 var errSignatureTooLong = errors.New("signature is too long")
 
 // decodeSignature decodes a base64url signature segment strictly (one
-// spelling per signature) into buf.
-func decodeSignature(buf *[maxSignatureBytes]byte, s64 string) ([]byte, error) {
-	if len(s64) > base64.RawURLEncoding.EncodedLen(len(buf)) {
+// spelling per signature).
+func decodeSignature(s64 string) ([]byte, error) {
+	enc := base64.RawURLEncoding.Strict()
+	if len(s64) > enc.EncodedLen(maxSignatureBytes) {
 		return nil, errSignatureTooLong
 	}
-	n, err := base64.RawURLEncoding.Strict().Decode(buf[:], []byte(s64))
+	sig := make([]byte, enc.DecodedLen(len(s64)))
+	n, err := enc.Decode(sig, []byte(s64))
 	if err != nil {
 		return nil, err
 	}
-	return buf[:n], nil
+	return sig[:n], nil
 }
