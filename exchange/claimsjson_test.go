@@ -1,8 +1,12 @@
 package exchange
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
+	"maps"
 	"reflect"
+	"slices"
 	"testing"
 )
 
@@ -52,5 +56,74 @@ func TestDecodeJSONObjectTypes(t *testing.T) {
 		if _, err := decodeJSONObject([]byte(bad)); err == nil {
 			t.Errorf("%s: accepted", bad)
 		}
+	}
+}
+
+// referenceMarshal is how the claims were serialized before marshal wrote
+// them itself: encoding/json (without HTML escaping), extra claims appended
+// in name order.
+func referenceMarshal(t *testing.T, c *mintedClaims, extra map[string]any) []byte {
+	t.Helper()
+	enc := func(v any) []byte {
+		var buf bytes.Buffer
+		e := json.NewEncoder(&buf)
+		e.SetEscapeHTML(false)
+		if err := e.Encode(v); err != nil {
+			t.Fatal(err)
+		}
+		return bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+	}
+	b := enc(c)
+	if len(extra) == 0 {
+		return b
+	}
+	names := slices.Sorted(maps.Keys(extra))
+	b = b[:len(b)-1]
+	for _, name := range names {
+		b = append(append(append(append(b, ','), enc(name)...), ':'), enc(extra[name])...)
+	}
+	return append(b, '}')
+}
+
+func FuzzMintedClaimsMarshal(f *testing.F) {
+	f.Add("alice", "web", "orders.read", "a@example.com", "upstream", true)
+	f.Add("<script>&\u2028\u2029\x00\x1f\"\\", "", "", "\xff\xfe", "\t\n\r", false)
+	f.Add("é😀", "c\u007f", "s", "", "", true)
+	f.Fuzz(func(t *testing.T, sub, clientID, scope, email, prior string, withAct bool) {
+		c := &mintedClaims{Iss: "https://gateway.test", Sub: sub, Aud: []string{"https://a", sub}, Exp: 1767225600, Iat: -5, Nbf: 0,
+			Jti: "j", Scope: scope, ClientID: clientID}
+		if withAct {
+			c.Act = nestAct(Actor{Subject: "https://gateway.test", ClientID: clientID}, map[string]any{"sub": prior, "n": 1.5, "l": []any{true, nil, prior}})
+			c.Cnf = map[string]string{"jkt": sub, "x5t#S256": scope}
+		}
+		extra := map[string]any{"email": email, prior: map[string]any{"x": []any{1e21, -0.0, email}}}
+		got, err := c.marshal(extra)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := referenceMarshal(t, c, extra); !bytes.Equal(got, want) {
+			t.Fatalf("marshal:\n got %s\nwant %s", got, want)
+		}
+	})
+}
+
+func TestHeaderMemo(t *testing.T) {
+	var m headerMemo
+	if _, ok := m.get("eyJhbGciOiJFUzI1NiJ9"); ok {
+		t.Fatal("an empty memo knows a header")
+	}
+	want := jwsHeader{Alg: "ES256", Kid: "k1", Typ: "JWT"}
+	m.remember("eyJhbGciOiJFUzI1NiJ9.payload.sig", want)
+	if got, ok := m.get("eyJhbGciOiJFUzI1NiJ9"); !ok || got != want {
+		t.Fatalf("get = %+v, %v; want %+v", got, ok, want)
+	}
+	for i := range maxRememberedHeaders + 1 {
+		m.remember(fmt.Sprintf("h%d.p.s", i), want)
+	}
+	if n := len(*m.headers.Load()); n > maxRememberedHeaders {
+		t.Fatalf("memo holds %d headers, bound %d", n, maxRememberedHeaders)
+	}
+	if _, ok := m.get(fmt.Sprintf("h%d", maxRememberedHeaders)); !ok {
+		t.Fatal("the newest header was not remembered after the memo started over")
 	}
 }

@@ -10,9 +10,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jws/jwsbb"
@@ -179,6 +182,7 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	case err != nil:
 		return nil, invalidToken("bad_signature", "token signature does not verify")
 	}
+	verifiedHeaders.remember(raw, hdr)
 
 	exp, terr := ts.checkTimes(claims, now)
 	if terr != nil {
@@ -455,11 +459,55 @@ func splitJWS(raw string) (hdr jwsHeader, payload64, sig64 string, err error) {
 	if h64 == "" || payload64 == "" || sig64 == "" {
 		return hdr, "", "", errEmptySegment
 	}
+	if known, ok := verifiedHeaders.get(h64); ok {
+		return known, payload64, sig64, nil
+	}
 	hdr, err = decodeJWSHeader(h64)
 	if err != nil {
 		return hdr, "", "", err
 	}
 	return hdr, payload64, sig64, nil
+}
+
+// headerMemo remembers the decoded protected headers of tokens whose
+// signature verified. An issuer signs every token of a key under the same
+// header, so nearly every token finds its header here and skips decoding
+// it. Only verified headers are added (a trusted key signed them), so
+// nobody can fill it with junk; it starts over when full. Decoding is a
+// pure function of the header string, so a remembered header decodes to
+// exactly what decoding it again would give.
+type headerMemo struct {
+	headers atomic.Pointer[map[string]jwsHeader]
+	mu      sync.Mutex // serialises writers; readers never lock
+}
+
+const maxRememberedHeaders = 256
+
+var verifiedHeaders headerMemo
+
+func (m *headerMemo) get(h64 string) (jwsHeader, bool) {
+	if p := m.headers.Load(); p != nil {
+		hdr, ok := (*p)[h64]
+		return hdr, ok
+	}
+	return jwsHeader{}, false
+}
+
+// remember adds the header segment of a token whose signature verified.
+func (m *headerMemo) remember(raw string, hdr jwsHeader) {
+	h64, _, _ := strings.Cut(raw, ".")
+	if _, ok := m.get(h64); ok {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	old := m.headers.Load()
+	next := make(map[string]jwsHeader, 8)
+	if old != nil && len(*old) < maxRememberedHeaders {
+		maps.Copy(next, *old)
+	}
+	next[h64] = hdr
+	m.headers.Store(&next)
 }
 
 // decodeJWSHeader decodes a protected header strictly: member names match
