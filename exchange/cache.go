@@ -48,22 +48,26 @@ type CacheConfig struct {
 // CacheKey identifies a cache entry: see NewCacheKey.
 type CacheKey [32]byte
 
-// NewCacheKey is a SHA-256 over everything that shapes the result: the
-// inbound token and parts (route configuration, audiences, scopes, actor,
-// ...). Every string is prefixed with its length, so parts cannot run into
-// each other: ("ab", "c") and ("a", "bc") give different keys, as do
-// ("a") and ("a", "").
+// NewCacheKey is CacheKeyOf the token's digest.
 func NewCacheKey(rawToken string, parts ...string) CacheKey {
+	return CacheKeyOf(DigestToken(rawToken), parts...)
+}
+
+// CacheKeyOf is a SHA-256 over everything that shapes the result: the
+// inbound token's digest and parts (route configuration, audiences,
+// scopes, actor, ...). Keying by the digest lets a caller hash the token
+// once, for the key and for the subject_token_sha256 of its logs. Every
+// part is prefixed with its length, so parts cannot run into each other:
+// ("ab", "c") and ("a", "bc") give different keys, as do ("a") and
+// ("a", "").
+func CacheKeyOf(token TokenDigest, parts ...string) CacheKey {
 	// The input goes to the hash through a buffer on the stack, so that a
-	// key costs no allocation whatever the length of the token.
+	// key costs no allocation whatever the length of the parts.
 	h := sha256.New()
 	var buf [512]byte
 	b := append(buf[:0], cacheKeyDomain...)
-	for i := -1; i < len(parts); i++ {
-		s := rawToken
-		if i >= 0 {
-			s = parts[i]
-		}
+	b = append(b, token[:]...)
+	for _, s := range parts {
 		if len(b)+8 > cap(b) {
 			h.Write(b)
 			b = buf[:0]
@@ -85,7 +89,7 @@ func NewCacheKey(rawToken string, parts ...string) CacheKey {
 	return k
 }
 
-const cacheKeyDomain = "caddy-token-exchange cache key v1\x00"
+const cacheKeyDomain = "caddy-token-exchange cache key v2\x00"
 
 // CachedToken is what is stored: a minted token and what the caller needs
 // about the subject token it was minted for.
@@ -93,6 +97,9 @@ const cacheKeyDomain = "caddy-token-exchange cache key v1\x00"
 // A CachedToken returned by the cache is the caller's own copy of the
 // struct and of its Minted, but the slices (Audiences, Scopes) and the
 // ActChain map are shared with other entries and must not be modified.
+// The cache does not keep Minted.SubjectTokenHash (64 bytes an entry): the
+// caller keyed the entry from the token's digest (CacheKeyOf) and sets it
+// from there.
 type CachedToken struct {
 	Minted *Minted
 	// Issuer is the subject token's issuer.
@@ -112,7 +119,7 @@ type CachedToken struct {
 // use.
 //
 // Entries are kept compactly: the strings that differ per token (Token,
-// Subject, JTI, SubjectTokenHash) share one allocation, and the values that
+// Subject, JTI) share one allocation, and the values that
 // repeat across tokens (actor, audiences, scopes, act chain, issuer, key thumbprint)
 // are interned. A hit therefore returns a fresh CachedToken (one
 // allocation) rather than the pointer that was stored.
@@ -145,7 +152,7 @@ type cacheShard struct {
 // cacheEntry is laid out to fit the 128-byte size class.
 type cacheEntry struct {
 	key CacheKey
-	// buf is Token, Subject, JTI and SubjectTokenHash, in that order.
+	// buf is Token, Subject and JTI, in that order.
 	buf        string
 	shape      *cacheShape
 	prev, next *cacheEntry
@@ -230,6 +237,20 @@ func (c *Cache) Get(key CacheKey) (*CachedToken, bool) {
 	}
 	s.misses.Add(1)
 	return nil, false
+}
+
+// GetInto is Get without allocating: it fills dst and dst.Minted (which
+// must not be nil) with a live entry. The strings share the entry's
+// memory; the slices and the ActChain map must not be modified.
+func (c *Cache) GetInto(key CacheKey, dst *CachedToken) bool {
+	s := c.shard(key)
+	if e := s.lookup(key, c.nowNano()); e != nil {
+		s.hits.Add(1)
+		e.fill(dst)
+		return true
+	}
+	s.misses.Add(1)
+	return false
 }
 
 // GetOrMint returns a live entry or calls mint, once per key even under
@@ -454,11 +475,10 @@ func (c *Cache) newEntry(key CacheKey, t *CachedToken) *cacheEntry {
 		return nil
 	}
 	var b strings.Builder
-	b.Grow(len(m.Token) + len(m.Subject) + len(m.JTI) + len(m.SubjectTokenHash))
+	b.Grow(len(m.Token) + len(m.Subject) + len(m.JTI))
 	b.WriteString(m.Token)
 	b.WriteString(m.Subject)
 	b.WriteString(m.JTI)
-	b.WriteString(m.SubjectTokenHash)
 	return &cacheEntry{
 		key:        key,
 		buf:        b.String(),
@@ -482,30 +502,36 @@ func (e *cacheEntry) materialize() *CachedToken {
 		t CachedToken
 		m Minted
 	}{}
+	p.t.Minted = &p.m
+	e.fill(&p.t)
+	return &p.t
+}
+
+// fill writes the CachedToken of e into t and t.Minted, allocating nothing:
+// the strings are slices of the entry's one buffer.
+func (e *cacheEntry) fill(t *CachedToken) {
 	sh := e.shape
 	subEnd := e.tokEnd + uint32(e.subLen)
 	jtiEnd := subEnd + uint32(e.jtiLen)
-	p.m = Minted{
-		Token:            e.buf[:e.tokEnd],
-		Subject:          e.buf[e.tokEnd:subEnd],
-		Actor:            sh.actor,
-		Audiences:        sh.audiences,
-		Scopes:           sh.scopes,
-		JTI:              e.buf[subEnd:jtiEnd],
-		IssuedAt:         time.Unix(e.iatSec, int64(e.iatNsec)).In(sh.iatLoc),
-		Expiry:           time.Unix(e.expSec, int64(e.expNsec)).In(sh.expLoc),
-		SubjectIssuer:    sh.subjectIssuer,
-		SubjectTokenHash: e.buf[jtiEnd:],
-		ActChain:         sh.actChain,
-		SignerKID:        sh.signerKID,
+	*t.Minted = Minted{
+		Token:         e.buf[:e.tokEnd],
+		Subject:       e.buf[e.tokEnd:subEnd],
+		Actor:         sh.actor,
+		Audiences:     sh.audiences,
+		Scopes:        sh.scopes,
+		JTI:           e.buf[subEnd:jtiEnd],
+		IssuedAt:      time.Unix(e.iatSec, int64(e.iatNsec)).In(sh.iatLoc),
+		Expiry:        time.Unix(e.expSec, int64(e.expNsec)).In(sh.expLoc),
+		SubjectIssuer: sh.subjectIssuer,
+		ActChain:      sh.actChain,
+		SignerKID:     sh.signerKID,
 	}
-	p.t = CachedToken{
-		Minted:        &p.m,
+	*t = CachedToken{
+		Minted:        t.Minted,
 		Issuer:        sh.issuer,
 		KeyThumbprint: sh.keyThumbprint,
 		SubjectExpiry: time.Unix(e.subExpSec, int64(e.subExpNsec)).In(sh.subExpLoc),
 	}
-	return &p.t
 }
 
 // shape returns the interned shape of t. Act chains are told apart by their

@@ -87,6 +87,17 @@ func BenchmarkCacheHit(b *testing.B) {
 			i++
 		}
 	})
+	b.Run("GetInto", func(b *testing.B) {
+		b.ReportAllocs()
+		dst := CachedToken{Minted: &Minted{}}
+		i := 0
+		for b.Loop() {
+			if !c.GetInto(keys[i%n], &dst) {
+				b.Fatal("miss")
+			}
+			i++
+		}
+	})
 	b.Run("GetOrMint", func(b *testing.B) {
 		b.ReportAllocs()
 		mint := func() (*CachedToken, error) { panic("miss") }

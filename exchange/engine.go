@@ -278,8 +278,13 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 	if err != nil {
 		return nil, err
 	}
+	if len(raw) > e.trust.maxTokenSize {
+		// refused before anything hashes it
+		return nil, invalidToken("too_large", "token exceeds %d bytes", e.trust.maxTokenSize)
+	}
+	digest := DigestToken(raw) // once: for the cache key and for the logs
 	mint := func() (*Minted, *Subject, error) {
-		subject, err := e.trust.Verify(ctx, raw, VerifyOptions{TokenType: "access_token", MaxActDepth: e.cfg.MaxActDepth, Binding: binding})
+		subject, err := e.trust.Verify(ctx, raw, VerifyOptions{TokenType: "access_token", MaxActDepth: e.cfg.MaxActDepth, Binding: binding, TokenHash: digest.Hex()})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -298,7 +303,7 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 	// exchanged: reuse the result while it is fresh and the issuer still
 	// publishes the key that verified it (the same key material, by RFC 7638
 	// thumbprint, not merely the same kid) and its keys are usable.
-	key := NewCacheKey(raw, e.cfg.Actor, grant.cacheID, binding.cacheID())
+	key := CacheKeyOf(digest, e.cfg.Actor, grant.cacheID, binding.cacheID())
 	mintEntry := func() (*CachedToken, error) {
 		m, subject, err := mint()
 		if err != nil {
@@ -319,6 +324,7 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 	if hit {
 		// a hit is a fresh copy; a miss may be shared with concurrent waiters
 		ct.Minted.Cached = true
+		ct.Minted.SubjectTokenHash = digest.Hex()
 	}
 	return ct.Minted, nil
 }

@@ -113,7 +113,8 @@ func (s *RemoteSTS) Exchange(ctx context.Context, raw string, subject *Subject) 
 	if s.cache == nil {
 		return s.call(ctx, raw, subject)
 	}
-	key := NewCacheKey(raw, "remote-sts", s.identity)
+	digest := DigestToken(raw)
+	key := CacheKeyOf(digest, "remote-sts", s.identity)
 	ct, hit, err := s.cache.GetOrMint(key, func() (*CachedToken, error) {
 		m, err := s.call(ctx, raw, subject)
 		if err != nil {
@@ -126,6 +127,7 @@ func (s *RemoteSTS) Exchange(ctx context.Context, raw string, subject *Subject) 
 	}
 	if hit {
 		ct.Minted.Cached = true
+		ct.Minted.SubjectTokenHash = digest.Hex()
 	}
 	return ct.Minted, nil
 }

@@ -75,9 +75,32 @@ type jwsHeader struct {
 
 // HashToken returns the hex SHA-256 of a raw token, the only form of a token
 // that may appear in logs.
-func HashToken(raw string) string {
-	sum := sha256.Sum256([]byte(raw))
-	return hex.EncodeToString(sum[:])
+func HashToken(raw string) string { return DigestToken(raw).Hex() }
+
+// TokenDigest is the SHA-256 of a raw token.
+type TokenDigest [32]byte
+
+// DigestToken returns the SHA-256 of a raw token.
+func DigestToken(raw string) TokenDigest {
+	// Through a buffer on the stack: []byte(raw) would copy the token to
+	// the heap on every request.
+	h := sha256.New()
+	var buf [512]byte
+	for len(raw) > 0 {
+		n := copy(buf[:], raw)
+		h.Write(buf[:n])
+		raw = raw[n:]
+	}
+	var d TokenDigest
+	h.Sum(d[:0])
+	return d
+}
+
+// Hex is the digest in hex: HashToken's form, the one logs carry.
+func (d TokenDigest) Hex() string {
+	var b [2 * len(d)]byte
+	hex.Encode(b[:], d[:])
+	return string(b[:])
 }
 
 // VerifyOptions tune one verification.
@@ -86,6 +109,9 @@ type VerifyOptions struct {
 	TokenType string
 	// MaxActDepth bounds the subject's act chain (default DefaultMaxActDepth).
 	MaxActDepth int
+	// TokenHash is HashToken of the raw token, when the caller has
+	// already computed it ("": Verify computes it).
+	TokenHash string
 	// Binding is what the presenter proved on this request (a DPoP proof's
 	// key, the client certificate). nil proves nothing: a token with cnf is
 	// refused (no downgrade of a sender-constrained token to a bearer token).
@@ -211,12 +237,15 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 		return nil, invalidToken("invalid_claims", "token jti is not a string")
 	}
 
+	if opts.TokenHash == "" {
+		opts.TokenHash = HashToken(raw)
+	}
 	cnf, unbound, cerr := checkConfirmation(claims, opts.Binding)
 	if cerr != nil {
 		return nil, cerr
 	}
 
-	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, KeyThumbprint: key.thumbprint, TokenHash: HashToken(raw), claims: claims, Expiry: exp, JTI: jti,
+	s := &Subject{Issuer: iss, Subject: sub, KeyID: hdr.Kid, KeyThumbprint: key.thumbprint, TokenHash: opts.TokenHash, claims: claims, Expiry: exp, JTI: jti,
 		Confirmation: cnf, Unbound: unbound}
 
 	if v, ok := s.Claim(ti.cfg.ScopeClaim); ok {
