@@ -69,6 +69,9 @@ type Handler struct {
 	gate       *exchange.BearerGate
 	routeLabel string
 	logger     *zap.Logger
+	// auditLogger is logger with the route encoded once, for the line of
+	// every exchange.
+	auditLogger *zap.Logger
 
 	// metric children, resolved once: the hot path does no label lookups
 	okCount   prometheus.Counter
@@ -135,6 +138,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.Resource.provision(app, h.gate, h.Scopes, h.RequireScopes); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
+	h.auditLogger = h.logger.With(zap.String("route", h.routeLabel))
 	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)
 	h.hitCount = metrics.cache.WithLabelValues("hit")
 	h.missCount = metrics.cache.WithLabelValues("miss")
@@ -210,9 +214,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if minted.Cached {
 		msg = "token exchange reused from cache"
 	}
-	if ce := h.logger.Check(zapcore.InfoLevel, msg); ce != nil {
-		fields := append(h.requestFields(r, a.Token), zap.Bool("cached", minted.Cached))
-		ce.Write(append(fields, mintedFields(minted)...)...)
+	if ce := h.auditLogger.Check(zapcore.InfoLevel, msg); ce != nil {
+		if minted.Cached {
+			// The line of the mint that the same jti names carries the
+			// rest (act, aud, scope, exp): a hit repeats only who and which.
+			ce.Write(zap.String("method", r.Method), zap.String("path", exchange.LoggablePath(r, a.Token)),
+				zap.String("remote_ip", exchange.RemoteIP(r)), zap.Bool("cached", true),
+				zap.String("sub", minted.Subject), zap.String("jti", minted.JTI),
+				zap.String("subject_issuer", minted.SubjectIssuer), zap.String("subject_token_sha256", minted.SubjectTokenHash))
+		} else {
+			fields := append(h.requestFields(r, a.Token)[1:], zap.Bool("cached", false))
+			ce.Write(append(fields, mintedFields(minted)...)...)
+		}
 	}
 	return next.ServeHTTP(w, r)
 }
@@ -232,7 +245,8 @@ func mintedFields(m *exchange.Minted) []zap.Field {
 	}
 }
 
-// requestFields are the fields every middleware log line starts with.
+// requestFields are the fields every middleware log line starts with
+// (auditLogger has the first, the route, already encoded).
 func (h *Handler) requestFields(r *http.Request, token string) []zap.Field {
 	return []zap.Field{
 		zap.String("route", h.routeLabel),

@@ -167,6 +167,14 @@ func TestReviewAuditTrail(t *testing.T) {
 		if hit["level"] != "info" || hit["jti"] != minted[len(minted)-1]["jti"] || hit["cached"] != true || hit["remote_ip"] != "127.0.0.1" {
 			t.Errorf("cache hit line %v", hit)
 		}
+		// Both lines name the route, the request and the subject.
+		for _, l := range []map[string]any{hit, minted[len(minted)-1]} {
+			for _, k := range []string{"route", "method", "path", "sub", "subject_issuer", "subject_token_sha256"} {
+				if v, _ := l[k].(string); v == "" || v != minted[len(minted)-1][k] {
+					t.Errorf("%s = %v in %v", k, l[k], l)
+				}
+			}
+		}
 	})
 
 	t.Run("an outside Txn-Token never reaches the upstream", func(t *testing.T) {
