@@ -302,7 +302,9 @@ func SetRetryAfter(w http.ResponseWriter, e *Error) {
 // one Authorization header with the Bearer scheme; tokens in the query are
 // refused rather than ignored, so they cannot slip through to the upstream.
 func ParseBearer(r *http.Request) (string, *Error) {
-	if r.URL.Query().Has("access_token") {
+	// Without a '%', a key that decodes to access_token must be spelled
+	// out: most requests skip parsing the query.
+	if q := r.URL.RawQuery; (strings.Contains(q, "access_token") || strings.Contains(q, "%")) && r.URL.Query().Has("access_token") {
 		return "", &Error{Kind: KindInvalidRequest, Reason: "token_in_query",
 			Description: "access tokens in the URI query are not accepted; use the Authorization header"}
 	}
