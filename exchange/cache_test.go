@@ -629,9 +629,11 @@ func TestCacheShardsAndDefaults(t *testing.T) {
 	}
 }
 
-// The 100k-entries-in-100-MiB target leaves no room for a larger entry.
+// The memory target (issue 15: 100,000 entries near the bytes of their
+// tokens) leaves no room for a larger entry: it stays in the 96-byte size
+// class.
 func TestCacheEntrySize(t *testing.T) {
-	if size := unsafe.Sizeof(cacheEntry{}); size > 128 && unsafe.Sizeof(uintptr(0)) == 8 {
-		t.Fatalf("cacheEntry is %d bytes, want at most 128", size)
+	if size := unsafe.Sizeof(cacheEntry{}); size > 96 && unsafe.Sizeof(uintptr(0)) == 8 {
+		t.Fatalf("cacheEntry is %d bytes, want at most 96", size)
 	}
 }
