@@ -26,7 +26,7 @@ type engineFixture struct {
 	signer *Signer
 }
 
-func newEngineFixture(t *testing.T, signingAlg string) *engineFixture {
+func newEngineFixture(t testing.TB, signingAlg string) *engineFixture {
 	t.Helper()
 	idp := newTestIssuer(t, "https://idp.test")
 	kid := idp.AddKey("k", "ES256")
