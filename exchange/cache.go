@@ -3,7 +3,6 @@ package exchange
 import (
 	"crypto/sha256"
 	"encoding/binary"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"math"
@@ -13,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 )
 
 // DefaultCacheMaxEntries is the size bound of a Cache whose MaxEntries is
@@ -556,11 +556,13 @@ func (c *Cache) shape(t *CachedToken) *cacheShape {
 	kw.str(t.Issuer)
 	kw.str(t.KeyThumbprint)
 	kw.str(m.SignerKID)
-	kw.b = fmt.Appendf(kw.b, "%p %p %p ", iatLoc, expLoc, subExpLoc)
+	for _, loc := range []*time.Location{iatLoc, expLoc, subExpLoc} {
+		kw.b = binary.AppendUvarint(kw.b, uint64(uintptr(unsafe.Pointer(loc))))
+	}
 	intern := true
 	if m.ActChain == nil {
 		kw.b = append(kw.b, 0)
-	} else if act, err := json.Marshal(m.ActChain); err == nil {
+	} else if act, err := appendJSONValue(nil, m.ActChain); err == nil {
 		kw.b = append(kw.b, 1)
 		kw.str(string(act))
 	} else {
