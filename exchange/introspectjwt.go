@@ -150,6 +150,9 @@ func loadAssertionKey(path string) (*assertionSigner, error) {
 	if alg == "" || CheckVerifyAlgorithm(alg) != nil || !keyFitsAlgorithm(priv.Public(), alg) {
 		return nil, fmt.Errorf("introspection_key_file %s: a %T key cannot sign with %q (RSA of at least 2048 bits, P-256, P-384 or Ed25519)", path, priv.Public(), alg)
 	}
+	if k, ok := priv.(*rsa.PrivateKey); ok {
+		k.Precompute() // or crypto/rsa derives the CRT values again per signature
+	}
 	sigAlg, _ := jwa.LookupSignatureAlgorithm(alg)
 	kid, _ := key.KeyID()
 	if kid == "" {
