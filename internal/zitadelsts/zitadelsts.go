@@ -15,8 +15,9 @@
 // access token is issued unless the client asks for another type.
 //
 // What the OP issues back: the example's WebClient has access token type
-// Bearer, so the exchanged access_token is zitadel's opaque token (an
-// AES-encrypted token id and subject), not a JWT, with expires_in 300.
+// Bearer, so the exchanged access_token is zitadel's opaque token (its
+// token id and subject in a JWE, A256GCMKW/A256GCM, under the OP's own
+// key: a compact JWE of five parts, not a signed JWT), expires_in 300.
 //
 // Client secrets are compared the way the example storage does in
 // production use of the example: plain text (AuthorizeClientIDSecret).
