@@ -83,14 +83,13 @@ const (
 var allScenarios = []string{"plain", "passthrough", "warm", "miss", "remote-self", "remote-zitadel", "txn", "endpoint-ours", "endpoint-zitadel"}
 
 type options struct {
-	caddyBin             string
-	duration, warmup     time.Duration
-	conns, rounds        int
-	scenarios            []string
-	adminAddr, profile   string
-	profileScenario      string
-	rtt                  time.Duration
-	caddyLog, verboseLog bool
+	caddyBin           string
+	duration, warmup   time.Duration
+	conns, rounds      int
+	scenarios          []string
+	adminAddr, profile string
+	profileScenario    string
+	rtt                time.Duration
 }
 
 func main() {
