@@ -51,6 +51,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -58,6 +59,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v3/jwa"
@@ -204,19 +206,35 @@ func run(o options) error {
 		return errors.New("writing JWKS")
 	}
 
+	var procsMu sync.Mutex
 	var procs []*exec.Cmd
-	defer func() {
+	stopAll := func() {
+		procsMu.Lock()
+		defer procsMu.Unlock()
 		for _, p := range procs {
 			_ = p.Process.Kill()
 			_, _ = p.Process.Wait()
 		}
+		procs = nil
+	}
+	defer stopAll()
+	// Interrupted: stop the child processes too, then exit.
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-sig
+		stopAll()
+		os.RemoveAll(dir)
+		os.Exit(130)
 	}()
 	start := func(name string, cmd *exec.Cmd, port int) error {
 		cmd.Stdout, cmd.Stderr = nil, nil // /dev/null
 		if err := cmd.Start(); err != nil {
 			return fmt.Errorf("%s: %w", name, err)
 		}
+		procsMu.Lock()
 		procs = append(procs, cmd)
+		procsMu.Unlock()
 		return waitListening(port, 20*time.Second, name)
 	}
 	child := func(role string, port int, env ...string) *exec.Cmd {
