@@ -16,6 +16,9 @@
 //	endpoint-ours   POST straight to our token_exchange_endpoint (second Caddy),
 //	                a new subject token per request
 //	endpoint-zitadel POST straight to the zitadel OP's /oauth/token, likewise
+//	                (the example's client: opaque access tokens)
+//	endpoint-zitadel-jwt  the same with a client the OP issues JWT access
+//	                tokens to (RS256, the example storage's RSA key)
 //
 // Round r runs every selected scenario once (warm-up, then measure), in an
 // order rotated by r. Each scenario is reported with the medians over the
@@ -82,7 +85,7 @@ const (
 	roleEnv    = "LOADBENCH_ROLE"
 )
 
-var allScenarios = []string{"plain", "passthrough", "warm", "miss", "remote-self", "remote-zitadel", "txn", "endpoint-ours", "endpoint-zitadel"}
+var allScenarios = []string{"plain", "passthrough", "warm", "miss", "remote-self", "remote-zitadel", "txn", "endpoint-ours", "endpoint-zitadel", "endpoint-zitadel-jwt"}
 
 type options struct {
 	caddyBin           string
@@ -399,7 +402,7 @@ http://127.0.0.1:%d {
 		}
 	}
 	sameTok := func() (string, bool) { return same, true }
-	post := func(target string, basic bool) func() (*http.Request, bool) {
+	post := func(target, client string) func() (*http.Request, bool) {
 		return func() (*http.Request, bool) {
 			t, ok := pool.next()
 			if !ok {
@@ -414,22 +417,21 @@ http://127.0.0.1:%d {
 			}
 			req, _ := http.NewRequest(http.MethodPost, target, strings.NewReader(form.Encode()))
 			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-			if basic {
-				req.SetBasicAuth(url.QueryEscape(stsClient), url.QueryEscape(stsSecret))
-			}
+			req.SetBasicAuth(url.QueryEscape(client), url.QueryEscape(stsSecret))
 			return req, true
 		}
 	}
 	byName := map[string]scenario{
-		"plain":            {desc: "reverse_proxy, no Authorization", hops: 2, req: get(u(plainPort, "/"), nil)},
-		"passthrough":      {desc: "reverse_proxy, bearer passed through", hops: 2, req: get(u(plainPort, "/"), sameTok)},
-		"warm":             {desc: "token_exchange, warm cache", hops: 2, req: get(u(gwPort, "/"), sameTok)},
-		"miss":             {desc: "token_exchange, new token/request", hops: 2, req: get(u(gwPort, "/"), pool.next), miss: true},
-		"remote-self":      {desc: "sts = our endpoint (Caddy B), miss", hops: 3, req: get(u(selfPort, "/"), pool.next), miss: true},
-		"remote-zitadel":   {desc: "sts = zitadel example OP, miss", hops: 3, req: get(u(zitPort, "/"), pool.next), miss: true},
-		"txn":              {desc: "warm cache + txn_token per request", hops: 2, req: get(u(txnPort, "/"), sameTok)},
-		"endpoint-ours":    {desc: "POST our token_exchange_endpoint", hops: 1, req: post("http://"+bAddr+"/token", true), miss: true},
-		"endpoint-zitadel": {desc: "POST zitadel OP /oauth/token", hops: 1, req: post("http://"+zAddr+"/oauth/token", true), miss: true},
+		"plain":                {desc: "reverse_proxy, no Authorization", hops: 2, req: get(u(plainPort, "/"), nil)},
+		"passthrough":          {desc: "reverse_proxy, bearer passed through", hops: 2, req: get(u(plainPort, "/"), sameTok)},
+		"warm":                 {desc: "token_exchange, warm cache", hops: 2, req: get(u(gwPort, "/"), sameTok)},
+		"miss":                 {desc: "token_exchange, new token/request", hops: 2, req: get(u(gwPort, "/"), pool.next), miss: true},
+		"remote-self":          {desc: "sts = our endpoint (Caddy B), miss", hops: 3, req: get(u(selfPort, "/"), pool.next), miss: true},
+		"remote-zitadel":       {desc: "sts = zitadel example OP, miss", hops: 3, req: get(u(zitPort, "/"), pool.next), miss: true},
+		"txn":                  {desc: "warm cache + txn_token per request", hops: 2, req: get(u(txnPort, "/"), sameTok)},
+		"endpoint-ours":        {desc: "POST our token_exchange_endpoint", hops: 1, req: post("http://"+bAddr+"/token", stsClient), miss: true},
+		"endpoint-zitadel":     {desc: "POST zitadel OP /oauth/token", hops: 1, req: post("http://"+zAddr+"/oauth/token", stsClient), miss: true},
+		"endpoint-zitadel-jwt": {desc: "same, zitadel issuing RS256 JWTs", hops: 1, req: post("http://"+zAddr+"/oauth/token", stsClient+"-jwt"), miss: true},
 	}
 	var scens []scenario
 	for _, n := range o.scenarios {

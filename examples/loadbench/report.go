@@ -20,7 +20,8 @@ import (
 
 // serveZitadel runs the zitadel/oidc example OP as the third-party STS,
 // trusting the loadbench IdP (jwksPath), with client stsClient whose secret
-// the example storage compares in plain text. The example's per-request
+// the example storage compares in plain text, and client stsClient-jwt,
+// the same but issued JWT access tokens (RS256). The example's per-request
 // log line stays on (slog's default logger, to this process's stderr,
 // which is /dev/null), as the example ships.
 func serveZitadel(ln net.Listener, jwksPath string) error {
@@ -34,8 +35,10 @@ func serveZitadel(ln net.Listener, jwksPath string) error {
 	}
 	iss := "http://" + ln.Addr().String()
 	st := zitadelsts.NewStorage(iss, map[string]*storage.Client{
-		stsClient: storage.WebClient(stsClient, stsSecret),
+		stsClient:          storage.WebClient(stsClient, stsSecret),
+		stsClient + "-jwt": storage.WebClient(stsClient+"-jwt", stsSecret),
 	}, zitadelsts.Trust{Issuer: idpIssuer, Audience: gwAudience, Keys: keys})
+	st.IssueJWTs(stsClient + "-jwt")
 	var logger *slog.Logger // the example's default
 	return http.Serve(ln, zitadelsts.Handler(iss, st, logger))
 }
@@ -101,7 +104,7 @@ func report(w io.Writer, o options, scens []scenario, res map[string][]result) {
 		return d.Round(time.Microsecond).String()
 	}
 
-	fmt.Fprintf(w, "%-17s %-37s %4s %9s %10s %10s %7s %8s %8s %10s\n", "scenario", "", "hops", "req/s", "p50", "p99", "errors", "/passthr", "/plain", "p99-passthr")
+	fmt.Fprintf(w, "%-21s %-37s %4s %9s %10s %10s %7s %8s %8s %10s\n", "scenario", "", "hops", "req/s", "p50", "p99", "errors", "/passthr", "/plain", "p99-passthr")
 	for _, s := range scens {
 		rs := res[s.name]
 		var rps []float64
@@ -117,7 +120,7 @@ func report(w io.Writer, o options, scens []scenario, res map[string][]result) {
 		if s.hops == 1 { // direct endpoint POSTs: no proxy to compare with
 			okPt, okPl, okAdd = false, false, false
 		}
-		fmt.Fprintf(w, "%-17s %-37s %4d %9.0f %10v %10v %7d %8s %8s %10s\n", s.name, s.desc, s.hops, median(rps),
+		fmt.Fprintf(w, "%-21s %-37s %4d %9.0f %10v %10v %7d %8s %8s %10s\n", s.name, s.desc, s.hops, median(rps),
 			median(p50).Round(time.Microsecond), median(p99).Round(time.Microsecond), errs,
 			fmtRatio(pt, okPt), fmtRatio(pl, okPl), fmtDur(add, okAdd))
 	}
@@ -151,6 +154,8 @@ func report(w io.Writer, o options, scens []scenario, res map[string][]result) {
 	target("in-process miss / remote-to-zitadel req/s", v, ok, 5, "", true)
 	v, ok = rpsRatio("endpoint-ours", "endpoint-zitadel")
 	target("our endpoint / zitadel OP exchanges/s", v, ok, 3, "", true)
+	v, ok = rpsRatio("endpoint-ours", "endpoint-zitadel-jwt")
+	target("  (informational) ours / zitadel issuing RS256 JWTs", v, ok, 3, "", true)
 
 	fmt.Fprintf(w, "\nlatency added per miss by the remote hop (median of per-round p50 differences against the in-process miss):\n")
 	for _, s := range []string{"remote-self", "remote-zitadel"} {

@@ -15,6 +15,9 @@ import (
 //     read, in order, without holding up later reads (a pipe with latency,
 //     not a bandwidth limit).
 //
+// Delays are slept with nanosleep(2) (sleep_linux.go): Go's timers round
+// sub-millisecond sleeps up to a millisecond or more.
+//
 // It costs CPU of its own (two goroutines and a copy per chunk) on the
 // same two cores, so compare its figures with the loopback run for the
 // latency, not for throughput.
@@ -32,7 +35,7 @@ func startDelayProxy(target string, rtt time.Duration) (string, error) {
 				return
 			}
 			go func() {
-				time.Sleep(rtt) // SYN, SYN-ACK
+				preciseSleep(rtt) // SYN, SYN-ACK
 				s, err := net.Dial("tcp", target)
 				if err != nil {
 					c.Close()
@@ -75,7 +78,7 @@ func delayedCopy(dst, src net.Conn, delay time.Duration) {
 	}()
 	for c := range q {
 		if d := time.Until(c.at); d > 0 {
-			time.Sleep(d)
+			preciseSleep(d)
 		}
 		if _, err := dst.Write(c.data); err != nil {
 			break

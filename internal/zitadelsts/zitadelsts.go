@@ -55,7 +55,8 @@ type Trust struct {
 // Storage is the example storage plus the token-exchange hooks.
 type Storage struct {
 	*storage.Storage
-	trust Trust
+	trust      Trust
+	jwtClients map[string]bool
 }
 
 var (
@@ -67,7 +68,31 @@ var (
 // NewStorage wraps the example storage (its user store for issuer, and
 // clients, e.g. storage.WebClient("gw", "secret")).
 func NewStorage(issuer string, clients map[string]*storage.Client, trust Trust) *Storage {
-	return &Storage{Storage: storage.NewStorageWithClients(storage.NewUserStore(issuer), clients), trust: trust}
+	return &Storage{Storage: storage.NewStorageWithClients(storage.NewUserStore(issuer), clients), trust: trust, jwtClients: map[string]bool{}}
+}
+
+// IssueJWTs makes the OP issue JWT access tokens (RS256, signed with the
+// example storage's 2048-bit RSA key) to these clients instead of opaque
+// ones. The example has no constructor for such a client: the client is
+// wrapped on lookup. Call it before serving.
+func (s *Storage) IssueJWTs(clientIDs ...string) {
+	for _, id := range clientIDs {
+		s.jwtClients[id] = true
+	}
+}
+
+type jwtClient struct{ op.Client }
+
+func (jwtClient) AccessTokenType() op.AccessTokenType { return op.AccessTokenTypeJWT }
+
+// GetClientByClientID implements op.Storage, wrapping the clients of
+// IssueJWTs.
+func (s *Storage) GetClientByClientID(ctx context.Context, clientID string) (op.Client, error) {
+	c, err := s.Storage.GetClientByClientID(ctx, clientID)
+	if err != nil || !s.jwtClients[clientID] {
+		return c, err
+	}
+	return jwtClient{c}, nil
 }
 
 // Handler is the example OP (discovery, /oauth/token, /keys, ...) for
