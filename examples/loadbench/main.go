@@ -30,6 +30,9 @@
 //	go build -o /tmp/caddy-lb ./examples/caddy
 //	go run ./examples/loadbench -caddy /tmp/caddy-lb [-duration 5s] [-rounds 3] [-conns 16]
 //
+// -log-level WARN drops the gateway's per-request info lines (INFO is
+// Caddy's default and what users run).
+//
 // -rtt 1ms puts a userspace delay proxy (half the RTT each way, and one RTT
 // for each new connection) in front of both remote token services, since
 // this machine's kernel has no netem qdisc; see rtt.go.
@@ -94,6 +97,7 @@ type options struct {
 	scenarios          []string
 	adminAddr, profile string
 	profileScenario    string
+	logLevel           string
 	rtt                time.Duration
 }
 
@@ -113,6 +117,7 @@ func main() {
 	flag.StringVar(&o.adminAddr, "admin", "off", "admin address of the gateway Caddy, e.g. 127.0.0.1:2019 (pprof during the run)")
 	flag.StringVar(&o.profile, "profile", "", "with -admin: write a CPU profile of the gateway Caddy, taken during the last round's -profile-scenario, to this file")
 	flag.StringVar(&o.profileScenario, "profile-scenario", "warm", "the scenario -profile profiles")
+	flag.StringVar(&o.logLevel, "log-level", "INFO", "the gateway Caddy's log level (INFO is Caddy's default; WARN drops the per-request info lines)")
 	flag.DurationVar(&o.rtt, "rtt", 0, "emulated round-trip time to both remote STSs (userspace delay proxy), e.g. 1ms; 0 = loopback")
 	flag.Parse()
 	if o.caddyBin == "" {
@@ -308,6 +313,9 @@ http://127.0.0.1:%d {
 	plainPort, gwPort, txnPort, selfPort, zitPort := freePort(), freePort(), freePort(), freePort(), freePort()
 	cfgA := fmt.Sprintf(`{
 	admin %s
+	log {
+		level %s
+	}
 	storage file_system %s
 	token_exchange {
 		issuer https://gateway.bench
@@ -359,7 +367,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-`, o.adminAddr, filepath.Join(dir, "storage-a"), idpIssuer, jwksPath, gwAudience,
+`, o.adminAddr, o.logLevel, filepath.Join(dir, "storage-a"), idpIssuer, jwksPath, gwAudience,
 		plainPort, upstream,
 		gwPort, apiAud, upstream,
 		txnPort, apiAud, upstream,
