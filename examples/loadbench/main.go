@@ -466,8 +466,8 @@ http://127.0.0.1:%d {
 			s := scens[(i+r)%len(scens)]
 			if s.miss {
 				// The warm-up can run faster than an earlier measured
-				// window: a margin of 2x, at least 4000/s.
-				rate := max(2*est[s.name], 4000)
+				// window: a margin of 2x, at least 8000/s.
+				rate := max(2*est[s.name], 8000)
 				pool.fill(int(rate * (o.duration + o.warmup).Seconds()))
 			}
 			load(s.req, o.conns, o.warmup)
