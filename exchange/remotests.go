@@ -89,7 +89,13 @@ func NewRemoteSTS(cfg RemoteSTSConfig) (*RemoteSTS, error) {
 		cfg.Retries = 0
 	}
 	if cfg.HTTPClient == nil {
-		cfg.HTTPClient = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+		// http.DefaultTransport keeps 2 idle connections per host: under
+		// concurrent misses most calls would open a new connection (a
+		// handshake more per miss over a network; 14,000 sockets in
+		// TIME_WAIT in examples/loadbench).
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConnsPerHost = remoteSTSIdleConns
+		cfg.HTTPClient = &http.Client{Transport: t, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -132,12 +138,19 @@ func (s *RemoteSTS) Exchange(ctx context.Context, raw string, subject *Subject) 
 	return ct.Minted, nil
 }
 
+// remoteSTSIdleConns is how many idle connections to its STS a route
+// keeps: enough for the gateway's concurrent misses.
+const remoteSTSIdleConns = 256
+
 // call sends one RFC 8693 request, retrying transient failures.
 func (s *RemoteSTS) call(ctx context.Context, raw string, subject *Subject) (*Minted, error) {
 	form := url.Values{
 		"grant_type":         {GrantTypeTokenExchange},
 		"subject_token":      {raw},
 		"subject_token_type": {TokenTypeAccessToken},
+		// Explicit: without it some STSs issue a refresh token (the
+		// zitadel/oidc example's default), which is not what is forwarded.
+		"requested_token_type": {TokenTypeAccessToken},
 	}
 	for _, a := range s.cfg.Audiences {
 		form.Add("audience", a)
@@ -230,6 +243,9 @@ func (s *RemoteSTS) attempt(ctx context.Context, body string, subject *Subject) 
 	}
 	if err := json.Unmarshal(data, &tr); err != nil || tr.AccessToken == "" {
 		return nil, true, stsUnavailable("sts_garbage", "the token service answered without an access_token", err)
+	}
+	if tr.IssuedTokenType != "" && tr.IssuedTokenType != TokenTypeAccessToken && tr.IssuedTokenType != TokenTypeJWT {
+		return nil, false, stsUnavailable("sts_garbage", "the token service issued a "+tr.IssuedTokenType+", not an access token", nil)
 	}
 	if len(tr.AccessToken) > DefaultMaxTokenSize || strings.ContainsAny(tr.AccessToken, " \r\n\t") {
 		return nil, false, stsUnavailable("sts_garbage", "the token service answered an unusable access_token", nil)

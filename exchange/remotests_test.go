@@ -81,6 +81,9 @@ func TestRemoteSTSFaults(t *testing.T) {
 		{"401 for the gateway", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(401) }, KindUnavailable, http.StatusBadGateway, 1},
 		{"garbage", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("<html>")) }, KindUnavailable, 0, 3},
 		{"no access_token", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte(`{"token_type":"Bearer"}`)) }, KindUnavailable, 0, 3},
+		{"a refresh token issued", func(w http.ResponseWriter, _ *http.Request) {
+			_, _ = w.Write([]byte(`{"access_token":"rt-1","issued_token_type":"urn:ietf:params:oauth:token-type:refresh_token","token_type":"N_A"}`))
+		}, KindUnavailable, 0, 1},
 		{"slow", func(w http.ResponseWriter, r *http.Request) {
 			select {
 			case <-time.After(2 * time.Second):
@@ -95,6 +98,9 @@ func TestRemoteSTSFaults(t *testing.T) {
 				_ = r.ParseForm()
 				if r.PostForm.Get("subject_token") != tok {
 					t.Error("the STS did not get the subject token")
+				}
+				if got := r.PostForm.Get("requested_token_type"); got != TokenTypeAccessToken {
+					t.Errorf("requested_token_type %q, want an access token", got)
 				}
 				tc.handler(w, r)
 			}))
