@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -48,10 +49,11 @@ type Binding struct {
 // minted after one proof must never be served to a request that proved
 // something else (or nothing).
 func (b *Binding) cacheID() string {
-	if b == nil {
-		return ""
+	if b == nil || *b == (Binding{}) {
+		return "" // proves nothing, as no binding at all
 	}
-	return fmt.Sprintf("jkt=%d:%s;x5t=%d:%s;dpop=%t;unbound=%t", len(b.JKT), b.JKT, len(b.CertThumbprint), b.CertThumbprint, b.DPoPScheme, b.AllowUnbound)
+	return "jkt=" + strconv.Itoa(len(b.JKT)) + ":" + b.JKT + ";x5t=" + strconv.Itoa(len(b.CertThumbprint)) + ":" + b.CertThumbprint +
+		";dpop=" + strconv.FormatBool(b.DPoPScheme) + ";unbound=" + strconv.FormatBool(b.AllowUnbound)
 }
 
 // CertThumbprint is the RFC 8705 §3.1 x5t#S256 of a certificate: the
