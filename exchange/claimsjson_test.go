@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"math"
 	"reflect"
 	"slices"
 	"testing"
@@ -96,7 +97,7 @@ func FuzzMintedClaimsMarshal(f *testing.F) {
 			c.Act = nestAct(Actor{Subject: "https://gateway.test", ClientID: clientID}, map[string]any{"sub": prior, "n": 1.5, "l": []any{true, nil, prior}})
 			c.Cnf = map[string]string{"jkt": sub, "x5t#S256": scope}
 		}
-		extra := map[string]any{"email": email, prior: map[string]any{"x": []any{1e21, -0.0, email}}}
+		extra := map[string]any{"email": email, prior: map[string]any{"x": []any{1e21, math.Copysign(0, -1), email}}}
 		got, err := c.marshal(extra)
 		if err != nil {
 			t.Fatal(err)
