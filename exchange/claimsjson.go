@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -166,6 +167,23 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
+// appendJSONObject appends m as a JSON object, members sorted by name.
+func appendJSONObject[V any](b []byte, m map[string]V) ([]byte, error) {
+	b = append(b, '{')
+	for i, name := range slices.Sorted(maps.Keys(m)) {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = appendJSONString(b, name)
+		b = append(b, ':')
+		var err error
+		if b, err = appendJSONValue(b, any(m[name])); err != nil {
+			return nil, err
+		}
+	}
+	return append(b, '}'), nil
+}
+
 // appendJSONValue appends v as JSON: strings and objects (members sorted,
 // as encoding/json sorts map keys) directly, anything else through
 // json.Marshal.
@@ -174,40 +192,9 @@ func appendJSONValue(b []byte, v any) ([]byte, error) {
 	case string:
 		return appendJSONString(b, v), nil
 	case map[string]any:
-		names := make([]string, 0, len(v))
-		for name := range v {
-			names = append(names, name)
-		}
-		slices.Sort(names)
-		b = append(b, '{')
-		for i, name := range names {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = appendJSONString(b, name)
-			b = append(b, ':')
-			var err error
-			if b, err = appendJSONValue(b, v[name]); err != nil {
-				return nil, err
-			}
-		}
-		return append(b, '}'), nil
+		return appendJSONObject(b, v)
 	case map[string]string:
-		names := make([]string, 0, len(v))
-		for name := range v {
-			names = append(names, name)
-		}
-		slices.Sort(names)
-		b = append(b, '{')
-		for i, name := range names {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = appendJSONString(b, name)
-			b = append(b, ':')
-			b = appendJSONString(b, v[name])
-		}
-		return append(b, '}'), nil
+		return appendJSONObject(b, v)
 	case []any:
 		b = append(b, '[')
 		for i, item := range v {

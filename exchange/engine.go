@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -553,12 +554,7 @@ func (c *mintedClaims) marshal(extra map[string]any) ([]byte, error) {
 		b = append(b, `,"cnf":`...)
 		b, _ = appendJSONValue(b, c.Cnf) // a map of strings cannot fail
 	}
-	names := make([]string, 0, len(extra))
-	for name := range extra {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(extra)) {
 		b = append(b, ',')
 		b = appendJSONString(b, name)
 		b = append(b, ':')
