@@ -133,18 +133,7 @@ func BenchmarkScaleGrants(b *testing.B) {
 			}
 		})
 		b.Run(fmt.Sprintf("grants=%d/hit", n), func(b *testing.B) {
-			key, err := GenerateSigningKey("ES256")
-			if err != nil {
-				b.Fatal(err)
-			}
-			signer, err := NewSigner(key, "ES256")
-			if err != nil {
-				b.Fatal(err)
-			}
-			e, err := NewEngine(EngineConfig{Issuer: "https://gateway.test", CacheSize: 2 * n}, newTestTrust(b, issuerConfig(idp, "ES256")), signer)
-			if err != nil {
-				b.Fatal(err)
-			}
+			e := scaleEngineConfig(b, newTestTrust(b, issuerConfig(idp, "ES256")), EngineConfig{Issuer: "https://gateway.test", CacheSize: 2 * n})
 			ctx := context.Background()
 			for _, g := range grants {
 				if _, err := e.ExchangeBearer(ctx, tok, g, nil); err != nil {
@@ -165,7 +154,13 @@ func BenchmarkScaleGrants(b *testing.B) {
 	}
 }
 
+// scaleEngine is an ES256 engine without a cache: every exchange a full miss.
 func scaleEngine(b *testing.B, ts *TrustStore) *Engine {
+	b.Helper()
+	return scaleEngineConfig(b, ts, EngineConfig{Issuer: "https://gateway.test", DisableCache: true})
+}
+
+func scaleEngineConfig(b *testing.B, ts *TrustStore, cfg EngineConfig) *Engine {
 	b.Helper()
 	key, err := GenerateSigningKey("ES256")
 	if err != nil {
@@ -175,7 +170,7 @@ func scaleEngine(b *testing.B, ts *TrustStore) *Engine {
 	if err != nil {
 		b.Fatal(err)
 	}
-	e, err := NewEngine(EngineConfig{Issuer: "https://gateway.test", DisableCache: true}, ts, signer)
+	e, err := NewEngine(cfg, ts, signer)
 	if err != nil {
 		b.Fatal(err)
 	}
