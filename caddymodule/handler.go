@@ -69,9 +69,6 @@ type Handler struct {
 	gate       *exchange.BearerGate
 	routeLabel string
 	logger     *zap.Logger
-	// auditLogger is logger with the route encoded once, for the line of
-	// every exchange.
-	auditLogger *zap.Logger
 
 	// metric children, resolved once: the hot path does no label lookups
 	okCount   prometheus.Counter
@@ -126,6 +123,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if len(h.Audiences) > 0 {
 		h.routeLabel = h.Audiences[0]
 	}
+	// Every line the route logs names it, encoded once.
+	h.logger = h.logger.With(zap.String("route", h.routeLabel))
 	if h.gate, err = exchange.NewBearerGate(h.engine, &h.grant, h.Realm); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
@@ -138,7 +137,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.Resource.provision(app, h.gate, h.Scopes, h.RequireScopes); err != nil {
 		return fmt.Errorf("token_exchange: %w", err)
 	}
-	h.auditLogger = h.logger.With(zap.String("route", h.routeLabel))
 	h.okCount = metrics.exchanges.WithLabelValues(h.routeLabel, outcomeOK)
 	h.hitCount = metrics.cache.WithLabelValues("hit")
 	h.missCount = metrics.cache.WithLabelValues("miss")
@@ -214,18 +212,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if minted.Cached {
 		msg = "token exchange reused from cache"
 	}
-	if ce := h.auditLogger.Check(zapcore.InfoLevel, msg); ce != nil {
+	if ce := h.logger.Check(zapcore.InfoLevel, msg); ce != nil {
+		fields := append(requestFields(r, a.Token), zap.Bool("cached", minted.Cached))
 		if minted.Cached {
 			// The line of the mint that the same jti names carries the
 			// rest (act, aud, scope, exp): a hit repeats only who and which.
-			ce.Write(zap.String("method", r.Method), zap.String("path", exchange.LoggablePath(r, a.Token)),
-				zap.String("remote_ip", exchange.RemoteIP(r)), zap.Bool("cached", true),
-				zap.String("sub", minted.Subject), zap.String("jti", minted.JTI),
+			fields = append(fields, zap.String("sub", minted.Subject), zap.String("jti", minted.JTI),
 				zap.String("subject_issuer", minted.SubjectIssuer), zap.String("subject_token_sha256", minted.SubjectTokenHash))
 		} else {
-			fields := append(h.requestFields(r, a.Token)[1:], zap.Bool("cached", false))
-			ce.Write(append(fields, mintedFields(minted)...)...)
+			fields = append(fields, mintedFields(minted)...)
 		}
+		ce.Write(fields...)
 	}
 	return next.ServeHTTP(w, r)
 }
@@ -245,11 +242,10 @@ func mintedFields(m *exchange.Minted) []zap.Field {
 	}
 }
 
-// requestFields are the fields every middleware log line starts with
-// (auditLogger has the first, the route, already encoded).
-func (h *Handler) requestFields(r *http.Request, token string) []zap.Field {
+// requestFields are the fields every middleware log line starts with,
+// after the route (which the handler's logger carries, encoded once).
+func requestFields(r *http.Request, token string) []zap.Field {
 	return []zap.Field{
-		zap.String("route", h.routeLabel),
 		zap.String("method", r.Method),
 		zap.String("path", exchange.LoggablePath(r, token)),
 		zap.String("remote_ip", exchange.RemoteIP(r)),
@@ -331,7 +327,7 @@ func refusalOutcome(e *exchange.Error) string {
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, raw string, e *exchange.Error) {
 	status, _ := exchange.BearerStatus(e)
 	metrics.exchanges.WithLabelValues(h.routeLabel, refusalOutcome(e)).Inc()
-	fields := append(h.requestFields(r, raw),
+	fields := append(requestFields(r, raw),
 		zap.String("reason", e.Reason),
 		zap.String("description", e.Description),
 		zap.Int("status", status))
