@@ -112,6 +112,16 @@ type CachedToken struct {
 	SubjectExpiry time.Time
 }
 
+// reusedFor marks a cache hit's own copy as reused, for the caller that
+// keyed it from token's digest: Cached, and the SubjectTokenHash that the
+// cache does not keep. (A miss's result may be shared with concurrent
+// waiters and is never marked.)
+func (t *CachedToken) reusedFor(token TokenDigest) *Minted {
+	t.Minted.Cached = true
+	t.Minted.SubjectTokenHash = token.Hex()
+	return t.Minted
+}
+
 // Cache holds minted tokens for the middleware's hot path. An entry is live
 // until min(Minted.Expiry - margin, SubjectExpiry), where margin =
 // max(10% of (Minted.Expiry - Minted.IssuedAt), 5s); an entry that is not

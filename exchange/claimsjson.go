@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -167,10 +166,42 @@ func appendJSONString(b []byte, s string) []byte {
 	return append(b, '"')
 }
 
+// appendJSONArray appends a as a JSON array, each item through item; nil
+// is null, as encoding/json writes a nil slice.
+func appendJSONArray[V any](b []byte, a []V, item func([]byte, V) ([]byte, error)) ([]byte, error) {
+	if a == nil {
+		return append(b, "null"...), nil
+	}
+	b = append(b, '[')
+	for i, v := range a {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		var err error
+		if b, err = item(b, v); err != nil {
+			return nil, err
+		}
+	}
+	return append(b, ']'), nil
+}
+
+func appendJSONStringItem(b []byte, s string) ([]byte, error) { return appendJSONString(b, s), nil }
+
+// sortedKeys are m's keys in order, in one allocation (slices.Sorted of
+// maps.Keys grows its slice as it goes: this runs on every mint).
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
+
 // appendJSONObject appends m as a JSON object, members sorted by name.
 func appendJSONObject[V any](b []byte, m map[string]V) ([]byte, error) {
 	b = append(b, '{')
-	for i, name := range slices.Sorted(maps.Keys(m)) {
+	for i, name := range sortedKeys(m) {
 		if i > 0 {
 			b = append(b, ',')
 		}
@@ -184,9 +215,9 @@ func appendJSONObject[V any](b []byte, m map[string]V) ([]byte, error) {
 	return append(b, '}'), nil
 }
 
-// appendJSONValue appends v as JSON: strings and objects (members sorted,
-// as encoding/json sorts map keys) directly, anything else through
-// json.Marshal.
+// appendJSONValue appends v as JSON: strings, arrays, objects (members
+// sorted, as encoding/json sorts map keys), booleans and null directly,
+// anything else (numbers, other types) through encoding/json.
 func appendJSONValue(b []byte, v any) ([]byte, error) {
 	switch v := v.(type) {
 	case string:
@@ -195,18 +226,10 @@ func appendJSONValue(b []byte, v any) ([]byte, error) {
 		return appendJSONObject(b, v)
 	case map[string]string:
 		return appendJSONObject(b, v)
+	case []string:
+		return appendJSONArray(b, v, appendJSONStringItem)
 	case []any:
-		b = append(b, '[')
-		for i, item := range v {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			var err error
-			if b, err = appendJSONValue(b, item); err != nil {
-				return nil, err
-			}
-		}
-		return append(b, ']'), nil
+		return appendJSONArray(b, v, appendJSONValue)
 	case bool:
 		return strconv.AppendBool(b, v), nil
 	case nil:

@@ -97,7 +97,8 @@ func FuzzMintedClaimsMarshal(f *testing.F) {
 			c.Act = nestAct(Actor{Subject: "https://gateway.test", ClientID: clientID}, map[string]any{"sub": prior, "n": 1.5, "l": []any{true, nil, prior}})
 			c.Cnf = map[string]string{"jkt": sub, "x5t#S256": scope}
 		}
-		extra := map[string]any{"email": email, prior: map[string]any{"x": []any{1e21, math.Copysign(0, -1), email}}}
+		extra := map[string]any{"email": email, prior: map[string]any{"x": []any{1e21, math.Copysign(0, -1), email}},
+			"nil_any": []any(nil), "nil_strings": []string(nil), "strings": []string{email, sub}, "empty": []any{}}
 		got, err := c.marshal(extra)
 		if err != nil {
 			t.Fatal(err)

@@ -6,7 +6,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -279,9 +278,8 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 	if err != nil {
 		return nil, err
 	}
-	if len(raw) > e.trust.maxTokenSize {
-		// refused before anything hashes it
-		return nil, invalidToken("too_large", "token exceeds %d bytes", e.trust.maxTokenSize)
+	if err := e.trust.checkSize(raw); err != nil {
+		return nil, err // before anything hashes it
 	}
 	digest := DigestToken(raw) // once: for the cache key and for the logs
 	mint := func() (*Minted, *Subject, error) {
@@ -323,9 +321,7 @@ func (e *Engine) ExchangePresented(ctx context.Context, raw string, binding *Bin
 		return nil, err
 	}
 	if hit {
-		// a hit is a fresh copy; a miss may be shared with concurrent waiters
-		ct.Minted.Cached = true
-		ct.Minted.SubjectTokenHash = digest.Hex()
+		return ct.reusedFor(digest), nil
 	}
 	return ct.Minted, nil
 }
@@ -506,8 +502,8 @@ type mintedClaims struct {
 // marshal serializes the claims, in the order of the struct's JSON tags,
 // with extra (non-registered) claims appended in name order. It writes the
 // JSON itself rather than through encoding/json's reflection: this runs on
-// every mint. TestMintedClaimsMarshalMatchesEncodingJSON holds it to
-// json.Marshal's result.
+// every mint. FuzzMintedClaimsMarshal holds it, byte for byte, to what
+// encoding/json writes (without HTML escaping).
 func (c *mintedClaims) marshal(extra map[string]any) ([]byte, error) {
 	b := make([]byte, 0, 384)
 	b = append(b, `{"iss":`...)
@@ -515,18 +511,7 @@ func (c *mintedClaims) marshal(extra map[string]any) ([]byte, error) {
 	b = append(b, `,"sub":`...)
 	b = appendJSONString(b, c.Sub)
 	b = append(b, `,"aud":`...)
-	if c.Aud == nil {
-		b = append(b, "null"...)
-	} else {
-		b = append(b, '[')
-		for i, a := range c.Aud {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = appendJSONString(b, a)
-		}
-		b = append(b, ']')
-	}
+	b, _ = appendJSONValue(b, c.Aud) // strings cannot fail
 	b = append(b, `,"exp":`...)
 	b = strconv.AppendInt(b, c.Exp, 10)
 	b = append(b, `,"iat":`...)
@@ -554,7 +539,7 @@ func (c *mintedClaims) marshal(extra map[string]any) ([]byte, error) {
 		b = append(b, `,"cnf":`...)
 		b, _ = appendJSONValue(b, c.Cnf) // a map of strings cannot fail
 	}
-	for _, name := range slices.Sorted(maps.Keys(extra)) {
+	for _, name := range sortedKeys(extra) {
 		b = append(b, ',')
 		b = appendJSONString(b, name)
 		b = append(b, ':')

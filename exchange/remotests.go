@@ -132,8 +132,7 @@ func (s *RemoteSTS) Exchange(ctx context.Context, raw string, subject *Subject) 
 		return nil, err
 	}
 	if hit {
-		ct.Minted.Cached = true
-		ct.Minted.SubjectTokenHash = digest.Hex()
+		return ct.reusedFor(digest), nil
 	}
 	return ct.Minted, nil
 }

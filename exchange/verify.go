@@ -118,6 +118,15 @@ type VerifyOptions struct {
 	Binding *Binding
 }
 
+// checkSize refuses a token larger than the store accepts, before any
+// work on it (hashing included).
+func (ts *TrustStore) checkSize(raw string) *Error {
+	if len(raw) > ts.maxTokenSize {
+		return invalidToken("too_large", "token exceeds %d bytes", ts.maxTokenSize)
+	}
+	return nil
+}
+
 // Verify checks an inbound token and returns its subject. The order is
 // deliberate: size, shape and header first (no crypto), then the issuer by
 // `iss`, then the key by issuer + kid + the issuer's algorithm allow-list,
@@ -129,8 +138,8 @@ func (ts *TrustStore) Verify(ctx context.Context, raw string, opts VerifyOptions
 	if opts.MaxActDepth <= 0 {
 		opts.MaxActDepth = DefaultMaxActDepth
 	}
-	if len(raw) > ts.maxTokenSize {
-		return nil, invalidToken("too_large", "token exceeds %d bytes", ts.maxTokenSize)
+	if err := ts.checkSize(raw); err != nil {
+		return nil, err
 	}
 	hdr, p64, s64, err := splitJWS(raw)
 	switch {
@@ -544,11 +553,8 @@ func (m *headerMemo) remember(raw string, hdr jwsHeader) {
 // must be strings, and crit and b64 are refused.
 func decodeJWSHeader(h64 string) (jwsHeader, error) {
 	var hdr jwsHeader
-	b, err := base64.RawURLEncoding.Strict().DecodeString(h64)
+	b, err := segmentJSON(h64)
 	if err != nil {
-		return hdr, err
-	}
-	if err := checkStrictJSON(b); err != nil {
 		return hdr, err
 	}
 	m, err := decodeJSONObject(b)
@@ -582,17 +588,27 @@ func optionalString(m map[string]any, name string) (string, bool) {
 
 // decodeSegment decodes one base64url JWS segment holding a JSON object.
 func decodeSegment(seg string, dst any) error {
-	b, err := base64.RawURLEncoding.Strict().DecodeString(seg)
+	b, err := segmentJSON(seg)
 	if err != nil {
 		return err
 	}
+	return json.Unmarshal(b, dst)
+}
+
+// segmentJSON is a base64url JWS segment decoded strictly, checked to be
+// one strict JSON object (checkStrictJSON) and not yet parsed.
+func segmentJSON(seg string) ([]byte, error) {
+	b, err := base64.RawURLEncoding.Strict().DecodeString(seg)
+	if err != nil {
+		return nil, err
+	}
 	if !bytes.HasPrefix(bytes.TrimLeft(b, " \t\r\n"), []byte("{")) {
-		return errors.New("not a JSON object")
+		return nil, errors.New("not a JSON object")
 	}
 	if err := checkStrictJSON(b); err != nil {
-		return err
+		return nil, err
 	}
-	return json.Unmarshal(b, dst)
+	return b, nil
 }
 
 // verifyJWS checks a compact JWS with the key its header selects (kid and
