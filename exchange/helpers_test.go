@@ -24,8 +24,14 @@ var (
 // newTestTrust builds a trust store for issuers, with the gateway audience.
 func newTestTrust(t testing.TB, issuers ...IssuerConfig) *TrustStore {
 	t.Helper()
+	return newTestTrustWith(t, TrustConfig{Issuers: issuers})
+}
+
+// newTestTrustWith builds a trust store from cfg, closed when the test ends.
+func newTestTrustWith(t testing.TB, cfg TrustConfig) *TrustStore {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	ts, err := NewTrustStore(ctx, TrustConfig{Issuers: issuers})
+	ts, err := NewTrustStore(ctx, cfg)
 	if err != nil {
 		cancel()
 		t.Fatal(err)

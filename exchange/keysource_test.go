@@ -359,21 +359,13 @@ func TestKeySourceSharedURL(t *testing.T) {
 // A refetch forced by a request is not cancelled when that request goes
 // away: it completes, succeeds, and serves the next request.
 func TestKeySourceRefetchSurvivesCancelledRequest(t *testing.T) {
-	idp := newTestIssuer(t, "https://idp.test")
-	idp.AddKey("old", "ES256")
-	srv := newKSServer(t, idp)
-	cfg := issuerConfig(idp, "ES256")
-	cfg.JWKSURL = srv.URL
-	cfg.RefetchInterval = 400 * time.Millisecond
 	var mu sync.Mutex
 	var results []error
-	ts := newTestTrustWith(t, TrustConfig{Issuers: []IssuerConfig{cfg}, FetchTimeout: 5 * time.Second,
-		OnFetch: func(_ string, err error) { mu.Lock(); results = append(results, err); mu.Unlock() }})
+	idp, srv, ts := refetchFixture(t, "old", func(c *TrustConfig) {
+		c.FetchTimeout = 5 * time.Second
+		c.OnFetch = func(_ string, err error) { mu.Lock(); results = append(results, err); mu.Unlock() }
+	})
 	ctx := context.Background()
-	if _, err := ts.Verify(ctx, idp.Token("old", nil), VerifyOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond) // out of any refetch window
 	mu.Lock()
 	results = nil
 	mu.Unlock()
@@ -420,18 +412,8 @@ func TestKeySourceRefetchSurvivesCancelledRequest(t *testing.T) {
 // A request already gone forces no fetch, and so does not use up the
 // throttle window: the next request with the new kid gets its refetch.
 func TestKeySourceNoFetchKeepsThrottleWindow(t *testing.T) {
-	idp := newTestIssuer(t, "https://idp.test")
-	idp.AddKey("old", "ES256")
-	srv := newKSServer(t, idp)
-	cfg := issuerConfig(idp, "ES256")
-	cfg.JWKSURL = srv.URL
-	cfg.RefetchInterval = 400 * time.Millisecond
-	ts := newTestTrust(t, cfg)
+	idp, srv, ts := refetchFixture(t, "old", nil)
 	ctx := context.Background()
-	if _, err := ts.Verify(ctx, idp.Token("old", nil), VerifyOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond) // out of any refetch window
 	forced := ts.JWKSFetches(idp.Iss)
 
 	idp.AddKey("new", "ES256")
@@ -456,18 +438,8 @@ func TestKeySourceNoFetchKeepsThrottleWindow(t *testing.T) {
 // A flood of concurrent random kids while a slow fetch is in flight costs
 // one fetch: every caller waits for the one in flight.
 func TestKeySourceConcurrentUnknownKidsOneFetch(t *testing.T) {
-	idp := newTestIssuer(t, "https://idp.test")
-	idp.AddKey("k", "ES256")
-	srv := newKSServer(t, idp)
-	cfg := issuerConfig(idp, "ES256")
-	cfg.JWKSURL = srv.URL
-	cfg.RefetchInterval = 400 * time.Millisecond
-	ts := newTestTrust(t, cfg)
+	idp, srv, ts := refetchFixture(t, "k", nil)
 	ctx := context.Background()
-	if _, err := ts.Verify(ctx, idp.Token("k", nil), VerifyOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond) // out of any refetch window
 	srv.delay.Store(int64(100 * time.Millisecond))
 	hits := srv.hits.Load()
 	var wg sync.WaitGroup
@@ -486,14 +458,27 @@ func TestKeySourceConcurrentUnknownKidsOneFetch(t *testing.T) {
 	}
 }
 
-func newTestTrustWith(t testing.TB, cfg TrustConfig) *TrustStore {
+// refetchFixture is an issuer whose JWKS is served over HTTP with a short
+// refetch interval (400ms): its key kid already fetched, and the refetch
+// window of that first fetch already past. tune adjusts the trust config.
+func refetchFixture(t *testing.T, kid string, tune func(*TrustConfig)) (*testidp.Issuer, *ksServer, *TrustStore) {
 	t.Helper()
-	ts, err := NewTrustStore(context.Background(), cfg)
-	if err != nil {
+	idp := newTestIssuer(t, "https://idp.test")
+	idp.AddKey(kid, "ES256")
+	srv := newKSServer(t, idp)
+	cfg := issuerConfig(idp, "ES256")
+	cfg.JWKSURL = srv.URL
+	cfg.RefetchInterval = 400 * time.Millisecond
+	tc := TrustConfig{Issuers: []IssuerConfig{cfg}}
+	if tune != nil {
+		tune(&tc)
+	}
+	ts := newTestTrustWith(t, tc)
+	if _, err := ts.Verify(context.Background(), idp.Token(kid, nil), VerifyOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = ts.Close() })
-	return ts
+	time.Sleep(500 * time.Millisecond) // out of any refetch window
+	return idp, srv, ts
 }
 
 // A JWKS larger than 1 MiB is a fault, not a set.
