@@ -314,6 +314,35 @@ func TestValidateWritesNoKeys(t *testing.T) {
 	idp := testidp.New(t, "https://idp.test")
 	idp.AddKey("ec-1", "ES256")
 	storage := t.TempDir()
+	validateGateway(t, idp, storage)
+	var written []string
+	_ = filepath.WalkDir(storage, func(path string, d os.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			written = append(written, path)
+		}
+		return nil
+	})
+	if len(written) != 0 {
+		t.Fatalf("validate wrote to storage: %v", written)
+	}
+}
+
+// TestValidateFetchesNothing: provisioning (caddy validate) starts no JWKS
+// fetch either; the app's Start does (DESIGN §6).
+func TestValidateFetchesNothing(t *testing.T) {
+	idp := testidp.New(t, "https://idp.test")
+	idp.AddKey("ec-1", "ES256")
+	validateGateway(t, idp, t.TempDir())
+	time.Sleep(200 * time.Millisecond)
+	if n := idp.Fetches.Load(); n != 0 {
+		t.Fatalf("validate fetched the JWKS %d times", n)
+	}
+}
+
+// validateGateway runs caddy.Validate (what `caddy validate` does) on a
+// gateway that trusts idp's JWKS URL and keeps its storage in storage.
+func validateGateway(t *testing.T, idp *testidp.Issuer, storage string) {
+	t.Helper()
 	input := fmt.Sprintf(`{
 	storage file_system %s
 	token_exchange {
@@ -342,55 +371,5 @@ http://localhost:1 {
 	}
 	if err := caddy.Validate(&cfg); err != nil {
 		t.Fatalf("validate: %v", err)
-	}
-	var written []string
-	_ = filepath.WalkDir(storage, func(path string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			written = append(written, path)
-		}
-		return nil
-	})
-	if len(written) != 0 {
-		t.Fatalf("validate wrote to storage: %v", written)
-	}
-}
-
-// TestValidateFetchesNothing: provisioning (caddy validate) starts no JWKS
-// fetch either; the app's Start does (DESIGN §6).
-func TestValidateFetchesNothing(t *testing.T) {
-	idp := testidp.New(t, "https://idp.test")
-	idp.AddKey("ec-1", "ES256")
-	input := fmt.Sprintf(`{
-	storage file_system %s
-	token_exchange {
-		issuer https://gateway.test
-		trust https://idp.test {
-			jwks_url %s
-			audience https://gateway.test
-			algorithms ES256
-		}
-	}
-}
-http://localhost:1 {
-	token_exchange {
-		audience %s
-	}
-	respond ok
-}
-`, t.TempDir(), idp.JWKSURL(), audOrders)
-	adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(input), map[string]any{"filename": "Caddyfile"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cfg caddy.Config
-	if err := json.Unmarshal(adapted, &cfg); err != nil {
-		t.Fatal(err)
-	}
-	if err := caddy.Validate(&cfg); err != nil {
-		t.Fatalf("validate: %v", err)
-	}
-	time.Sleep(200 * time.Millisecond)
-	if n := idp.Fetches.Load(); n != 0 {
-		t.Fatalf("validate fetched the JWKS %d times", n)
 	}
 }
