@@ -244,7 +244,8 @@ func (s *RemoteSTS) attempt(ctx context.Context, body string, subject *Subject) 
 		return nil, true, stsUnavailable("sts_garbage", "the token service answered without an access_token", err)
 	}
 	if tr.IssuedTokenType != "" && tr.IssuedTokenType != TokenTypeAccessToken && tr.IssuedTokenType != TokenTypeJWT {
-		return nil, false, stsUnavailable("sts_garbage", "the token service issued a "+tr.IssuedTokenType+", not an access token", nil)
+		return nil, false, stsUnavailable("sts_garbage", "the token service issued a token that is not an access token",
+			fmt.Errorf("issued_token_type %q", tr.IssuedTokenType)) // the STS's words go to the log only
 	}
 	if len(tr.AccessToken) > DefaultMaxTokenSize || strings.ContainsAny(tr.AccessToken, " \r\n\t") {
 		return nil, false, stsUnavailable("sts_garbage", "the token service answered an unusable access_token", nil)
